@@ -1,0 +1,153 @@
+"""An engine instance as seen by its owner: start, wait ready, generate, close.
+
+Instances are forked from a forkserver that has imported vLLM once, so each start costs the
+engine build (about 3 s here), not the import (7-9 s). Every wait has a deadline; a worker that
+misses one is killed and its requests come back as hung. `close` always leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+
+import msgspec
+
+from pdcheck.cluster import worker
+from pdcheck.cluster.messages import Failed, FromWorker, Generate, GenRequest, GenResult, Ready, Results, Stop
+from pdcheck.config import EngineSpec, Role
+from pdcheck.errors import BadInput, InstanceFailed
+
+READY_TIMEOUT_S = 180.0
+REPLY_GRACE_S = 30.0
+_context = None
+
+
+def have_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cache_dir() -> Path:
+    """Where vLLM's reusable caches live (model inspection results): shared by runs."""
+    return Path(os.environ.get("PDCHECK_CACHE_DIR", Path.home() / ".cache" / "pdcheck"))
+
+
+def engine_context():
+    """The multiprocessing context every instance is forked from, made once per process.
+
+    Settings that must precede the import of torch and vLLM go into this process's
+    environment before the forkserver starts, since the forkserver inherits it.
+    """
+    global _context
+    if _context is None:
+        if not have_vllm():
+            raise InstanceFailed("vLLM is not installed (install pdcheck[cpu] or pdcheck[gpu])")
+        for key, value in ENGINE_ENV.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["vllm", "vllm.engine.arg_utils", "pdcheck.cluster.worker"])
+        _context = context
+    return _context
+
+
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core runs inside the worker
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; else vLLM takes ~8 GiB and ~17 s
+    "TORCHDYNAMO_DISABLE": "1",  # no inductor compile at first generate (15 s, cache files)
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class Instance:
+    """One vLLM engine in its own process, with a role, its own folder and its own CPUs."""
+
+    def __init__(self, name: str, spec: EngineSpec, role: Role, run_dir: Path, cpus: list[int]):
+        self.name, self.spec, self.role, self.run_dir, self.cpus = name, spec, role, run_dir, cpus
+        self.folder = run_dir / "instances" / name
+        self.process = None
+        self.conn = None
+        self.start_s: float | None = None
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(FromWorker)
+
+    def start(self) -> Instance:
+        context = engine_context()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.conn, child = context.Pipe()
+        args = (child, self.spec, str(self.folder), self.cpus, str(self.run_dir))
+        self.process = context.Process(target=worker.main, args=args, name=f"pdcheck-{self.name}", daemon=True)
+        self.process.start()
+        child.close()
+        return self
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        message = self._receive(timeout_s)
+        if isinstance(message, Ready):
+            self.start_s = message.start_s
+            return
+        self.close()
+        if isinstance(message, Failed) and message.bad_input:
+            raise BadInput(message.message)
+        detail = message.message if isinstance(message, Failed) else "no reply before the deadline"
+        raise InstanceFailed(f"instance {self.name} failed to start: {detail} (log: {self.folder / 'engine.log'})")
+
+    def generate(self, requests: list[GenRequest], deadline_s: float) -> list[GenResult]:
+        """Run requests as one batch. If the worker does not answer in time, it is killed."""
+        if not self.alive:
+            return [GenResult(request_id=r.request_id, error=f"instance {self.name} is not running") for r in requests]
+        self.conn.send_bytes(self.encoder.encode(Generate(requests=requests, deadline_s=deadline_s)))
+        message = self._receive(deadline_s + REPLY_GRACE_S)
+        if isinstance(message, Results):
+            return message.results
+        self.close()
+        return [GenResult(request_id=r.request_id, hung=True, error=f"instance {self.name} stopped answering")
+                for r in requests]
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def _receive(self, timeout_s: float):
+        """The worker's next message, or None if it died or stayed silent past the timeout."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.conn.poll(min(0.5, max(0.0, end - time.monotonic()))):
+                try:
+                    return self.decoder.decode(self.conn.recv_bytes())
+                except (EOFError, OSError):
+                    return None
+            if not self.alive:
+                return None
+        return None
+
+    def close(self) -> None:
+        """Stop the worker (politely, then by force) and remove its temp folder. Idempotent."""
+        if self.process is not None:
+            if self.process.is_alive():
+                try:
+                    self.conn.send_bytes(self.encoder.encode(Stop()))
+                except OSError:
+                    pass
+                self.process.join(10)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(10)
+            self.process.close()
+            self.process = None
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        shutil.rmtree(self.folder / "tmp", ignore_errors=True)
+
+    def __enter__(self) -> Instance:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,67 @@
+"""What the harness and an engine instance say to each other, and what a request produced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class GenRequest(msgspec.Struct, frozen=True):
+    """One greedy generation request, by token ids."""
+
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    num_logprobs: int = 5
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class GenResult(msgspec.Struct):
+    """What one request produced on one instance (or on the PD pair, once joined).
+
+    `num_cached_tokens` is vLLM's count of prompt tokens not computed locally; on an engine
+    with prefix caching off it is exactly the tokens loaded through the connector.
+    """
+
+    request_id: str
+    token_ids: list[int] = []
+    logprobs: list[float] = []
+    top_logprobs: list[dict[int, float]] = []
+    num_cached_tokens: int = 0
+    kv_transfer_params: dict[str, Any] | None = None
+    error: str | None = None
+    hung: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.hung
+
+
+class Generate(msgspec.Struct, frozen=True, tag=True):
+    requests: list[GenRequest]
+    deadline_s: float
+
+
+class Stop(msgspec.Struct, frozen=True, tag=True):
+    pass
+
+
+class Ready(msgspec.Struct, frozen=True, tag=True):
+    pid: int
+    start_s: float
+
+
+class Failed(msgspec.Struct, frozen=True, tag=True):
+    """The instance could not start or serve; `bad_input` says the user's input was at fault."""
+
+    message: str
+    bad_input: bool = False
+
+
+class Results(msgspec.Struct, frozen=True, tag=True):
+    results: list[GenResult]
+
+
+ToWorker = Generate | Stop
+FromWorker = Ready | Failed | Results

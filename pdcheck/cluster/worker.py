@@ -1,0 +1,156 @@
+"""The inside of an engine instance: one vLLM engine, in-process, in its own OS process.
+
+`main` runs in the child. It pins itself to its CPUs, points every cache and temp folder at
+the instance's own folder, checks the connector, builds the engine, says Ready, then serves
+Generate messages until Stop (or until its parent dies: it asks the kernel for SIGKILL then).
+vLLM is imported lazily, so the harness can name `main` without importing vLLM itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+from pdcheck.cluster.messages import Failed, Generate, GenRequest, GenResult, Ready, Results, Stop, ToWorker
+from pdcheck.config import EngineSpec
+from pdcheck.errors import BadInput
+
+PR_SET_PDEATHSIG = 1
+
+
+def main(conn, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner stops us, not the terminal
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    isolate(Path(folder), cpus)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        started = time.monotonic()
+        engine = build_engine(spec, Path(run_dir))
+        conn.send_bytes(encoder.encode(Ready(pid=os.getpid(), start_s=time.monotonic() - started)))
+    except BadInput as e:
+        conn.send_bytes(encoder.encode(Failed(message=str(e), bad_input=True)))
+        return
+    except Exception as e:  # the engine failed to start: tell the owner, then exit
+        conn.send_bytes(encoder.encode(Failed(message=f"{type(e).__name__}: {e}")))
+        return
+    serve(conn, engine, encoder)
+
+
+def isolate(folder: Path, cpus: list[int]) -> None:
+    """Own temp and cache folders, own CPUs, output to a log file."""
+    tmp = folder / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.environ.update(TMPDIR=str(tmp), XDG_CACHE_HOME=str(folder / "xdg"))
+    tempfile.tempdir = str(tmp)
+    os.sched_setaffinity(0, cpus)
+    log = os.open(folder / "engine.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+
+
+def connector_class_check(spec: EngineSpec) -> None:
+    """Refuse a connector that vLLM cannot load, before building the engine."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    connector = spec.connector
+    if connector.module_path is None:
+        if connector.name not in KVConnectorFactory._registry:
+            known = ", ".join(sorted(KVConnectorFactory._registry))
+            raise BadInput(f"connector {connector.name!r}: not a vLLM built-in connector (known: {known})")
+        return
+    if connector.module_dir:
+        sys.path.insert(0, connector.module_dir)
+    try:
+        module = importlib.import_module(connector.module_path)
+    except Exception as e:
+        raise BadInput(f"connector {connector.name!r}: module {connector.module_path} does not import ({e})")
+    cls = getattr(module, connector.class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, KVConnectorBase_V1)):
+        raise BadInput(f"connector {connector.name!r}: {connector.class_name} is not a vLLM KV connector class")
+
+
+def build_engine(spec: EngineSpec, run_dir: Path):
+    from vllm import EngineArgs, LLMEngine
+    from vllm.config import KVTransferConfig
+
+    kv_config = None
+    if spec.connector is not None:
+        connector_class_check(spec)
+        kv_config = KVTransferConfig(**spec.connector.kv_transfer_config(run_dir))
+    args = EngineArgs(
+        model=str(spec.model), skip_tokenizer_init=True, dtype=spec.dtype, max_model_len=spec.max_model_len,
+        block_size=spec.block_size, enforce_eager=True, distributed_executor_backend="uni", seed=0,
+        enable_prefix_caching=spec.prefix_caching, kv_transfer_config=kv_config, max_num_seqs=64,
+    )
+    return LLMEngine.from_engine_args(args)
+
+
+def serve(conn, engine, encoder) -> None:
+    decoder = msgspec.msgpack.Decoder(ToWorker)
+    while True:
+        message = decoder.decode(conn.recv_bytes())
+        if isinstance(message, Stop):
+            return
+        assert isinstance(message, Generate)
+        results = run_batch(engine, message.requests, time.monotonic() + message.deadline_s)
+        conn.send_bytes(encoder.encode(Results(results=results)))
+
+
+def sampling_params(request: GenRequest):
+    from vllm import SamplingParams
+
+    extra = {"kv_transfer_params": request.kv_transfer_params} if request.kv_transfer_params else None
+    return SamplingParams(
+        max_tokens=request.max_tokens, temperature=0.0, logprobs=request.num_logprobs,
+        ignore_eos=True, extra_args=extra,
+    )
+
+
+def run_batch(engine, requests: list[GenRequest], deadline: float) -> list[GenResult]:
+    """Run requests together as one batch; those unfinished at the deadline are aborted as hung."""
+    results: dict[str, GenResult] = {}
+    for r in requests:
+        try:
+            engine.add_request(r.request_id, {"prompt_token_ids": r.prompt}, sampling_params(r))
+        except Exception as e:
+            results[r.request_id] = GenResult(request_id=r.request_id, error=f"{type(e).__name__}: {e}")
+    pending = {r.request_id for r in requests} - set(results)
+    try:
+        while pending and time.monotonic() < deadline:
+            for out in engine.step():
+                if out.finished and out.request_id in pending:
+                    results[out.request_id] = to_result(out)
+                    pending.discard(out.request_id)
+    except Exception as e:  # an engine step failed: every unfinished request failed with it
+        engine.abort_request(sorted(pending))
+        for rid in pending:
+            results[rid] = GenResult(request_id=rid, error=f"engine step failed: {type(e).__name__}: {e}")
+        pending = set()
+    if pending:
+        engine.abort_request(sorted(pending))
+        for rid in pending:
+            results[rid] = GenResult(request_id=rid, hung=True, error="deadline passed")
+    return [results[r.request_id] for r in requests]
+
+
+def to_result(out) -> GenResult:
+    completion = out.outputs[0]
+    steps = completion.logprobs or []
+    return GenResult(
+        request_id=out.request_id,
+        token_ids=list(completion.token_ids),
+        logprobs=[step[tok].logprob for tok, step in zip(completion.token_ids, steps)],
+        top_logprobs=[{tok: lp.logprob for tok, lp in step.items()} for step in steps],
+        num_cached_tokens=out.num_cached_tokens or 0,
+        kv_transfer_params=out.kv_transfer_params,
+        error=None if completion.finish_reason in ("length", "stop") else f"finish_reason={completion.finish_reason}",
+    )
