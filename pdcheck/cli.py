@@ -1,0 +1,106 @@
+"""The command line: `pdcheck run` (the gate on a workload) and `pdcheck bench ...`.
+
+Exit codes: 0 every request matched the oracle (known defects aside), 1 something diverged,
+errored, hung, fell back, or a known defect no longer shows, 2 the run could not be made (bad
+input, or an instance that would not start). Every instance is stopped on every path out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from rich.console import Console
+
+from pdcheck.config import DTYPES, EngineSpec, connector_spec, model_path
+from pdcheck.errors import BadInput, InstanceFailed
+
+DEFAULT_MODELS = ["tiny-llama", "tiny-qwen3-moe"]
+DEFAULT_CONNECTOR = "ExampleConnector"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdcheck", description="PD serving correctness gate")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run PD beside a single-engine oracle and compare every token")
+    add_engine_options(run)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--max-tokens", type=int, default=16)
+    run.add_argument("--lengths", type=lengths_option, help="only prompts of these lengths, e.g. 64,65")
+    run.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    bench = commands.add_parser("bench", help="benchmarks")
+    which = bench.add_subparsers(dest="bench", required=True)
+    startup = which.add_parser("startup", help="instance start-up times, median of --repeat")
+    startup.add_argument("--model", default="tiny-llama")
+    startup.add_argument("--repeat", type=int, default=5)
+    startup.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    return parser
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", help="model folder or embedded name (repeatable)")
+    parser.add_argument("--dtype", action="append", choices=DTYPES, help="repeatable; default: both")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=256)
+    parser.add_argument("--connector", default=DEFAULT_CONNECTOR, help="vLLM built-in name, module:Class or file.py:Class")
+    parser.add_argument("--connector-config", help="JSON object for kv_connector_extra_config")
+    parser.add_argument("--decode-prompt", choices=["original", "with_first_token"])
+
+
+def lengths_option(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def engine_specs(args) -> list[EngineSpec]:
+    connector = connector_spec(args.connector, args.connector_config, args.decode_prompt)
+    models = [model_path(m) for m in (args.model or DEFAULT_MODELS)]
+    return [
+        EngineSpec(model=m, dtype=d, block_size=args.block_size, max_model_len=args.max_model_len, connector=connector)
+        for m in models for d in (args.dtype or DTYPES)
+    ]
+
+
+def replay_line(args, spec: EngineSpec, prompt_len: int) -> str:
+    parts = ["pdcheck", "run", "--model", str(spec.model), "--dtype", spec.dtype, "--block-size", str(spec.block_size),
+             "--max-model-len", str(spec.max_model_len), "--connector", spec.connector.name,
+             "--seed", str(args.seed), "--max-tokens", str(args.max_tokens), "--lengths", str(prompt_len)]
+    if args.connector_config:
+        parts += ["--connector-config", args.connector_config]
+    if args.decode_prompt:
+        parts += ["--decode-prompt", args.decode_prompt]
+    return shlex.join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    try:
+        with ExitStack() as stack:
+            if args.command == "run":
+                from pdcheck.runner import run_gate
+
+                return run_gate(args, engine_specs(args), stack, console)
+            from pdcheck.bench import bench_startup
+
+            return bench_startup(args, stack, console)
+    except BadInput as e:
+        console.print(f"pdcheck: error: {e}", markup=False, highlight=False)
+        return 2
+    except InstanceFailed as e:
+        console.print(f"pdcheck: could not run: {e}", markup=False, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("pdcheck: interrupted; every instance was stopped", markup=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

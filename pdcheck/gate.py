@@ -1,0 +1,84 @@
+"""One configuration under the gate: oracle calibration, the PD path for each request, verdicts.
+
+`check` drives a started Deployment with a list of requests, writes every request and verdict
+to the history, and returns the verdicts in request order. Requests go through the PD path
+`concurrency` at a time (one batch per leg).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from pdcheck.checker.compare import Outcome, Verdict, judge
+from pdcheck.checker.oracle import Calibration, Oracle
+from pdcheck.cluster.deployment import Deployment
+from pdcheck.cluster.messages import GenRequest
+from pdcheck.history import History
+from pdcheck.known_defects import known_defect
+from pdcheck.pd import PDResult, run_pd
+
+DEADLINE_S = 60.0
+
+
+class Checked(msgspec.Struct):
+    """A request's verdict with what it needs for reports and replay."""
+
+    config: str
+    prompt_len: int
+    verdict: Verdict
+    external_tokens: int
+    known_defect: str | None = None
+    counted: str = ""  # the summary column: the outcome, or `known` for a known defect as recorded
+
+    @property
+    def passed(self) -> bool:
+        """Matched with no known defect expected, or showed a known defect as recorded."""
+        if self.known_defect:
+            return self.counted == "known"
+        return self.verdict.outcome is Outcome.MATCH
+
+
+def check(
+    deployment: Deployment,
+    requests: list[GenRequest],
+    history: History,
+    oracle: Oracle | None = None,
+    concurrency: int = 1,
+    on_result=None,
+) -> tuple[Calibration, list[Checked]]:
+    spec = deployment.spec
+    oracle = oracle or Oracle(deployment.oracle)
+    calibration = oracle.calibration or oracle.calibrate(requests)
+    history.record("note", config=spec.label, calibration=calibration)
+    expected = {r.request_id: e for r, e in zip(requests, oracle.results(requests))}
+    checked = []
+    for start in range(0, len(requests), concurrency):
+        batch = requests[start : start + concurrency]
+        for request in batch:
+            history.record("invoke", config=spec.label, request_id=request.request_id, prompt_len=len(request.prompt))
+        for request, pd in zip(batch, run_pd(deployment.prefill, deployment.decode, spec.connector, batch, DEADLINE_S)):
+            item = judge_one(spec, request, pd, expected[request.request_id], calibration)
+            history.record(completion_kind(item.verdict.outcome), config=spec.label, request_id=request.request_id,
+                           verdict=item.verdict, external_tokens=item.external_tokens, known_defect=item.known_defect,
+                           tokens=pd.result.token_ids)
+            checked.append(item)
+            if on_result:
+                on_result(item)
+    return calibration, checked
+
+
+def judge_one(spec, request: GenRequest, pd: PDResult, expected, calibration: Calibration) -> Checked:
+    verdict = judge(
+        expected, pd.result, calibration.rule, calibration.tolerance, pd.external_tokens,
+        expects_transfer=len(request.prompt) > spec.block_size,
+    )
+    defect = known_defect(spec.connector.class_name, len(request.prompt), spec.block_size)
+    counted = "known" if defect and verdict.outcome is defect.outcome else verdict.outcome.value
+    return Checked(
+        config=spec.label, prompt_len=len(request.prompt), verdict=verdict, external_tokens=pd.external_tokens,
+        known_defect=defect.name if defect else None, counted=counted,
+    )
+
+
+def completion_kind(outcome: Outcome) -> str:
+    return {Outcome.MATCH: "ok", Outcome.HANG: "info"}.get(outcome, "fail")

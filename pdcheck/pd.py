@@ -1,0 +1,66 @@
+"""The PD path: a prefill leg with max_tokens=1, then a decode leg, joined the way vLLM's
+disaggregated proxies join them.
+
+The request id is chosen once and used on both legs. The prefill leg carries the connector's
+prefill parameters (`do_remote_decode` by default); whatever `kv_transfer_params` prefill returns
+goes into the decode request unchanged. What decode is given is the connector's `decode_prompt`
+setting: the original prompt (NIXL/P2P proxies) or the prompt plus prefill's first token
+(ExampleConnector's offline convention), in which case prefill's token opens the output.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from pdcheck.cluster.instance import Instance
+from pdcheck.cluster.messages import GenRequest, GenResult
+from pdcheck.config import ConnectorSpec, DecodePrompt
+
+
+class PDResult(msgspec.Struct):
+    """A request's joined output; `external_tokens` is what decode loaded through the connector."""
+
+    result: GenResult
+    external_tokens: int
+    prefill: GenResult
+
+
+def prefill_request(request: GenRequest, connector: ConnectorSpec) -> GenRequest:
+    params = dict(connector.prefill_params) | (request.kv_transfer_params or {})
+    return msgspec.structs.replace(request, max_tokens=1, kv_transfer_params=params)
+
+
+def decode_request(request: GenRequest, prefilled: GenResult, connector: ConnectorSpec) -> GenRequest:
+    prompt, max_tokens = request.prompt, request.max_tokens
+    if connector.decode_prompt is DecodePrompt.WITH_FIRST_TOKEN:
+        prompt, max_tokens = prompt + prefilled.token_ids[:1], max_tokens - 1
+    return msgspec.structs.replace(
+        request, prompt=prompt, max_tokens=max_tokens, kv_transfer_params=prefilled.kv_transfer_params
+    )
+
+
+def join(prefilled: GenResult, decoded: GenResult, connector: ConnectorSpec) -> GenResult:
+    if connector.decode_prompt is DecodePrompt.ORIGINAL or not decoded.ok:
+        return decoded
+    return msgspec.structs.replace(
+        decoded,
+        token_ids=prefilled.token_ids[:1] + decoded.token_ids,
+        logprobs=prefilled.logprobs[:1] + decoded.logprobs,
+        top_logprobs=prefilled.top_logprobs[:1] + decoded.top_logprobs,
+    )
+
+
+def run_pd(
+    prefill: Instance, decode: Instance, connector: ConnectorSpec, requests: list[GenRequest], deadline_s: float
+) -> list[PDResult]:
+    """Both legs for a batch of requests: prefill runs them together, then decode does."""
+    prefilled = prefill.generate([prefill_request(r, connector) for r in requests], deadline_s)
+    to_decode = [(r, p) for r, p in zip(requests, prefilled) if p.ok]
+    decoded = decode.generate([decode_request(r, p, connector) for r, p in to_decode], deadline_s)
+    by_id = {d.request_id: d for d in decoded}
+    results = []
+    for p in prefilled:
+        d = by_id.get(p.request_id)
+        joined = p if d is None else join(p, d, connector)
+        results.append(PDResult(result=joined, external_tokens=d.num_cached_tokens if d else 0, prefill=p))
+    return results

@@ -1,0 +1,37 @@
+"""Terminal reports: a summary table with a row per configuration, and failure lines."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from pdcheck.known_defects import KNOWN_DEFECTS
+
+COLUMNS = ["match", "diverged", "error", "hang", "fallback", "known"]
+
+
+def print_summary(console: Console, configs: list[dict]) -> None:
+    table = Table(title="pdcheck: PD vs oracle")
+    for name in ["configuration", "rule", "requests", *COLUMNS]:
+        table.add_column(name, justify="left" if name in ("configuration", "rule") else "right")
+    for cfg in configs:
+        counts = Counter(c.counted for c in cfg["requests"])
+        table.add_row(cfg["config"], cfg["calibration"].rule.value, str(len(cfg["requests"])),
+                      *(str(counts.get(name, 0)) for name in COLUMNS))
+    console.print(table)
+
+
+def print_known_defects(console: Console, configs: list[dict]) -> None:
+    seen = {c.known_defect for cfg in configs for c in cfg["requests"] if c.counted == "known"}
+    for defect in KNOWN_DEFECTS:
+        if defect.name in seen:
+            console.print(f"known defect {defect.name}: {defect.summary}", markup=False, highlight=False)
+
+
+def failure_line(checked) -> str:
+    v = checked.verdict
+    where = f" at token {v.position}: expected {v.expected} got {v.actual}" if v.position is not None else ""
+    expected = f" (known defect {checked.known_defect} no longer shows)" if checked.known_defect else ""
+    return f"{checked.config} len={checked.prompt_len} {v.request_id}: {v.outcome.value}{expected} {v.detail}{where}"

@@ -1,0 +1,68 @@
+"""`pdcheck run`: every configuration's deployment, the workload through it, a summary.
+
+Configurations run one after another; the next one's instances start while the current one is
+checked, so at most two deployments are alive. Every deployment is owned by the caller's
+ExitStack, so an error or Ctrl-C anywhere still stops every instance.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pdcheck import report
+from pdcheck.cluster.deployment import Deployment
+from pdcheck.config import EngineSpec
+from pdcheck.errors import BadInput
+from pdcheck.gate import check
+from pdcheck.store import RunStore
+from pdcheck.workload.boundary import boundary_requests
+
+
+def workload(args, spec: EngineSpec):
+    vocab = json.loads((spec.model / "config.json").read_text())["vocab_size"]
+    requests = boundary_requests(args.seed, spec.block_size, spec.max_model_len, args.max_tokens, vocab)
+    if args.lengths:
+        requests = [r for r in requests if len(r.prompt) in args.lengths]
+        if not requests:
+            raise BadInput(f"--lengths {args.lengths}: no workload prompt has these lengths")
+    return requests
+
+
+def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) -> int:
+    workloads = [workload(args, spec) for spec in specs]
+    store = RunStore(args.runs_dir)
+    stack.callback(store.close)
+    deployments = [Deployment(spec, store.folder, name=f"{i}-{spec.model.name}-{spec.dtype}") for i, spec in enumerate(specs)]
+    for deployment in deployments:
+        stack.callback(deployment.close)
+    console.print(f"run folder: {store.folder}")
+    configs = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting instances", total=sum(map(len, workloads)))
+        deployments[0].start()
+        for i, (deployment, requests) in enumerate(zip(deployments, workloads)):
+            progress.update(task, description=f"starting {deployment.spec.label}")
+            deployment.wait_ready()
+            if i + 1 < len(deployments):
+                deployments[i + 1].start()
+            progress.update(task, description=f"checking {deployment.spec.label}")
+            calibration, checked = check(deployment, requests, store.history, on_result=lambda _: progress.advance(task))
+            deployment.close()
+            configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked})
+    failures = [(spec, c) for spec, cfg in zip(specs, configs) for c in cfg["requests"] if not c.passed]
+    verdict = "valid" if not failures else "invalid"
+    store.write_results({"verdict": verdict, "configs": configs})
+    report.print_summary(console, configs)
+    report.print_known_defects(console, configs)
+    for spec, c in failures:
+        console.print(report.failure_line(c), markup=False, highlight=False)
+        from pdcheck.cli import replay_line
+
+        console.print(f"  replay: {replay_line(args, spec, c.prompt_len)}", markup=False, highlight=False)
+    console.print(f"verdict: {verdict}   results: {store.folder / 'results.json'}", markup=False)
+    return 0 if verdict == "valid" else 1
