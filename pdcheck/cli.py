@@ -8,7 +8,6 @@ input, or an instance that would not start). Every instance is stopped on every 
 from __future__ import annotations
 
 import argparse
-import shlex
 import signal
 import sys
 from contextlib import ExitStack
@@ -17,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from pdcheck.config import DTYPES, EngineSpec, connector_spec, model_path
+from pdcheck.cluster.instance import stop_engine_server
 from pdcheck.errors import BadInput, InstanceFailed
 
 DEFAULT_MODELS = ["tiny-llama", "tiny-qwen3-moe"]
@@ -67,23 +67,13 @@ def engine_specs(args) -> list[EngineSpec]:
     ]
 
 
-def replay_line(args, spec: EngineSpec, prompt_len: int) -> str:
-    parts = ["pdcheck", "run", "--model", str(spec.model), "--dtype", spec.dtype, "--block-size", str(spec.block_size),
-             "--max-model-len", str(spec.max_model_len), "--connector", spec.connector.name,
-             "--seed", str(args.seed), "--max-tokens", str(args.max_tokens), "--lengths", str(prompt_len)]
-    if args.connector_config:
-        parts += ["--connector-config", args.connector_config]
-    if args.decode_prompt:
-        parts += ["--decode-prompt", args.decode_prompt]
-    return shlex.join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     try:
         with ExitStack() as stack:
+            stack.callback(stop_engine_server)
             if args.command == "run":
                 from pdcheck.runner import run_gate
 
@@ -92,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_startup(args, stack, console)
     except BadInput as e:
-        console.print(f"pdcheck: error: {e}", markup=False, highlight=False)
+        print(f"pdcheck: error: {e}", file=sys.stderr)
         return 2
     except InstanceFailed as e:
-        console.print(f"pdcheck: could not run: {e}", markup=False, highlight=False)
+        print(f"pdcheck: could not run: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        console.print("pdcheck: interrupted; every instance was stopped", markup=False)
+        print("pdcheck: interrupted; every instance was stopped", file=sys.stderr)
         return 130
 
 

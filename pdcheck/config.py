@@ -51,6 +51,9 @@ class ConnectorSpec:
         if module.endswith(".py") and not Path(module).is_file():
             raise BadInput(f"connector {self.name!r}: file {module} does not exist")
 
+    def __hash__(self) -> int:  # extra_config may hold JSON lists and objects
+        return hash(json.dumps([self.name, self.extra_config, self.decode_prompt.value], sort_keys=True, default=str))
+
     @property
     def class_name(self) -> str:
         return self.name.rpartition(":")[2]

@@ -52,12 +52,14 @@ def check(
     history.record("note", config=spec.label, calibration=calibration)
     expected = {r.request_id: e for r, e in zip(requests, oracle.results(requests))}
     checked = []
+    earlier: list[int] = []
     for start in range(0, len(requests), concurrency):
         batch = requests[start : start + concurrency]
         for request in batch:
             history.record("invoke", config=spec.label, request_id=request.request_id, prompt_len=len(request.prompt))
         for request, pd in zip(batch, run_pd(deployment.prefill, deployment.decode, spec.connector, batch, DEADLINE_S)):
-            item = judge_one(spec, request, pd, expected[request.request_id], calibration)
+            item = judge_one(spec, request, pd, expected[request.request_id], calibration, earlier)
+            earlier.append(len(request.prompt))
             history.record(completion_kind(item.verdict.outcome), config=spec.label, request_id=request.request_id,
                            verdict=item.verdict, external_tokens=item.external_tokens, known_defect=item.known_defect,
                            tokens=pd.result.token_ids)
@@ -67,12 +69,12 @@ def check(
     return calibration, checked
 
 
-def judge_one(spec, request: GenRequest, pd: PDResult, expected, calibration: Calibration) -> Checked:
+def judge_one(spec, request: GenRequest, pd: PDResult, expected, calibration: Calibration, earlier) -> Checked:
     verdict = judge(
         expected, pd.result, calibration.rule, calibration.tolerance, pd.external_tokens,
         expects_transfer=len(request.prompt) > spec.block_size,
     )
-    defect = known_defect(spec.connector.class_name, len(request.prompt), spec.block_size)
+    defect = known_defect(spec.connector.class_name, len(request.prompt), spec.block_size, earlier)
     counted = "known" if defect and verdict.outcome is defect.outcome else verdict.outcome.value
     return Checked(
         config=spec.label, prompt_len=len(request.prompt), verdict=verdict, external_tokens=pd.external_tokens,

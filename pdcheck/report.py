@@ -27,7 +27,8 @@ def print_known_defects(console: Console, configs: list[dict]) -> None:
     seen = {c.known_defect for cfg in configs for c in cfg["requests"] if c.counted == "known"}
     for defect in KNOWN_DEFECTS:
         if defect.name in seen:
-            console.print(f"known defect {defect.name}: {defect.summary}", markup=False, highlight=False)
+            console.print(f"known defect {defect.name}: {defect.summary}\n  reproducer: {defect.reproducer}",
+                          markup=False, highlight=False)
 
 
 def failure_line(checked) -> str:

@@ -7,7 +7,6 @@ ExitStack, so an error or Ctrl-C anywhere still stops every instance.
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 
 from rich.console import Console
@@ -18,13 +17,13 @@ from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec
 from pdcheck.errors import BadInput
 from pdcheck.gate import check
+from pdcheck.repro import replay_command
 from pdcheck.store import RunStore
-from pdcheck.workload.boundary import boundary_requests
+from pdcheck.workload.boundary import boundary_workload
 
 
 def workload(args, spec: EngineSpec):
-    vocab = json.loads((spec.model / "config.json").read_text())["vocab_size"]
-    requests = boundary_requests(args.seed, spec.block_size, spec.max_model_len, args.max_tokens, vocab)
+    requests = boundary_workload(spec, args.seed, args.max_tokens)
     if args.lengths:
         requests = [r for r in requests if len(r.prompt) in args.lengths]
         if not requests:
@@ -54,15 +53,15 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
             calibration, checked = check(deployment, requests, store.history, on_result=lambda _: progress.advance(task))
             deployment.close()
             configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked})
-    failures = [(spec, c) for spec, cfg in zip(specs, configs) for c in cfg["requests"] if not c.passed]
+    failures = [(spec, cfg["requests"], c) for spec, cfg in zip(specs, configs) for c in cfg["requests"] if not c.passed]
     verdict = "valid" if not failures else "invalid"
     store.write_results({"verdict": verdict, "configs": configs})
     report.print_summary(console, configs)
     report.print_known_defects(console, configs)
-    for spec, c in failures:
+    for spec, sent, c in failures:
         console.print(report.failure_line(c), markup=False, highlight=False)
-        from pdcheck.cli import replay_line
-
-        console.print(f"  replay: {replay_line(args, spec, c.prompt_len)}", markup=False, highlight=False)
+        lengths = [s.prompt_len for s in sent[: sent.index(c) + 1]]
+        replay = replay_command(spec, args.seed, args.max_tokens, lengths)
+        console.print(f"  replay: {replay}", markup=False, highlight=False)
     console.print(f"verdict: {verdict}   results: {store.folder / 'results.json'}", markup=False)
     return 0 if verdict == "valid" else 1

@@ -54,6 +54,20 @@ def engine_context():
     return _context
 
 
+def stop_engine_server() -> None:
+    """Stop the forkserver now rather than whenever it notices its owner is gone.
+
+    multiprocessing has no public call for this; `_stop` closes its pipe and waits for it
+    (present from Python 3.8 to 3.13).
+    """
+    global _context
+    if _context is not None:
+        from multiprocessing import forkserver
+
+        forkserver._forkserver._stop()
+        _context = None
+
+
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core runs inside the worker
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; else vLLM takes ~8 GiB and ~17 s

@@ -6,6 +6,7 @@ size are where off-by-one slicing shows. Prompts are random token ids from one s
 
 from __future__ import annotations
 
+import json
 import random
 
 from pdcheck.cluster.messages import GenRequest
@@ -30,3 +31,9 @@ def boundary_requests(
         prompt = [rng.randrange(FIRST_ORDINARY_TOKEN, vocab_size) for _ in range(n)]
         requests.append(GenRequest(request_id=f"{prefix}-len{n}", prompt=prompt, max_tokens=max_tokens))
     return requests
+
+
+def boundary_workload(spec, seed: int = 0, max_tokens: int = 16) -> list[GenRequest]:
+    """The block-boundary workload for an EngineSpec's model, block size and model length."""
+    vocab = json.loads((spec.model / "config.json").read_text())["vocab_size"]
+    return boundary_requests(seed, spec.block_size, spec.max_model_len, max_tokens, vocab)

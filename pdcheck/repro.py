@@ -1,0 +1,28 @@
+"""Replay lines: the one command that re-runs a failing request of a configuration.
+
+Requests of a workload go through the deployment in order and can leave state behind (stored
+KV, cached prefixes), so the replay sends the failing request after the ones that came before.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from pdcheck.config import BUILTIN_DEFAULTS, DecodePrompt, EngineSpec
+
+
+def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[int]) -> str:
+    """`lengths`: the prompt lengths sent, in order, ending with the failing request's."""
+    connector = spec.connector
+    parts = ["pdcheck", "run", "--model", str(spec.model), "--dtype", spec.dtype,
+             "--block-size", str(spec.block_size), "--max-model-len", str(spec.max_model_len),
+             "--connector", connector.name, "--seed", str(seed), "--max-tokens", str(max_tokens),
+             "--lengths", ",".join(map(str, lengths))]
+    defaults = BUILTIN_DEFAULTS.get(connector.class_name, {})
+    extra = dict(connector.extra_config)
+    if extra != defaults.get("extra_config", {}):
+        parts += ["--connector-config", json.dumps(extra, sort_keys=True)]
+    if connector.decode_prompt is not defaults.get("decode_prompt", DecodePrompt.ORIGINAL):
+        parts += ["--decode-prompt", connector.decode_prompt.value]
+    return shlex.join(parts)

@@ -1,0 +1,65 @@
+"""Bad input to `pdcheck run`: a one-line error naming the problem, exit 2, nothing left running.
+
+Each case runs the real CLI in a subprocess. Cases that can only be judged by vLLM (connector
+names and classes) start instances, which must all be stopped before the CLI exits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+DATA = Path(__file__).parent / "data"
+BASE = ["--model", "tiny-llama", "--dtype", "float32", "--lengths", "33"]
+
+CASES = {
+    "unknown-connector-name": (["--connector", "NoSuchConnector"], "not a vLLM built-in connector"),
+    "module-does-not-import": (["--connector", "no_such_module_xyz:Conn"], "does not import"),
+    "class-is-not-a-connector": (["--connector", f"{DATA / 'not_a_connector.py'}:NotAConnector"],
+                                 "is not a vLLM KV connector class"),
+    "missing-connector-file": (["--connector", f"{DATA / 'missing.py'}:Conn"], "does not exist"),
+    "missing-model-folder": (["--model", "/nonexistent/model"], "no such model folder"),
+    "invalid-json-config": (["--connector-config", "{not json"], "invalid JSON"),
+    "json-config-not-an-object": (["--connector-config", "[1, 2]"], "expected a JSON object"),
+    "no-prompt-of-that-length": (["--lengths", "7"], "no workload prompt"),
+}
+NEEDS_VLLM = {"unknown-connector-name", "module-does-not-import", "class-is-not-a-connector"}
+
+
+def descendants_started_after(start: float) -> list[str]:
+    """pdcheck or vLLM processes started during the test (they would be leftovers)."""
+    me = os.getpid()
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["pid"] != me and p.info["create_time"] >= start - 1 and ("pdcheck" in cmd or "forkserver" in cmd):
+            found.append(f"{p.info['pid']}: {cmd[:120]}")
+    return found
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_line_error_and_exit_2(case, tmp_path):
+    if case in NEEDS_VLLM and not has_vllm():
+        pytest.skip("vLLM is not installed")
+    args, message = CASES[case]
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pdcheck.cli", "run", *BASE, *args, "--runs-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pdcheck: error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert descendants_started_after(start) == []
+
+
+def has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None

@@ -1,0 +1,62 @@
+"""Config validation: bad values raise BadInput naming the field and the value."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdcheck.config import DecodePrompt, EngineSpec, connector_spec, model_path
+from pdcheck.errors import BadInput
+from pdcheck.workload.boundary import boundary_lengths, boundary_requests
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": "float64"}, "dtype 'float64'"),
+    ({"block_size": 16}, "block_size 16"),
+    ({"max_model_len": 8}, "max_model_len 8"),
+])
+def test_engine_spec_rejects_bad_values(kwargs, message):
+    with pytest.raises(BadInput, match=message):
+        EngineSpec(model=model_path("tiny-llama"), **kwargs)
+
+
+def test_missing_model_folder_is_bad_input():
+    with pytest.raises(BadInput, match="no such model folder"):
+        model_path("/nonexistent")
+
+
+@pytest.mark.parametrize("text, message", [("{x", "invalid JSON"), ("3", "expected a JSON object")])
+def test_connector_config_must_be_a_json_object(text, message):
+    with pytest.raises(BadInput, match=message):
+        connector_spec("ExampleConnector", text)
+
+
+def test_builtin_defaults_and_overrides():
+    spec = connector_spec("ExampleConnector", '{"extra": 1}', "original")
+    assert spec.decode_prompt is DecodePrompt.ORIGINAL
+    assert dict(spec.extra_config) == {"shared_storage_path": "{run_dir}/kv", "extra": 1}
+    config = spec.kv_transfer_config("/r")
+    assert config["kv_connector_extra_config"]["shared_storage_path"] == "/r/kv"
+    assert "kv_connector_module_path" not in config
+
+
+def test_module_and_file_connectors_name_their_module(tmp_path):
+    assert connector_spec("pkg.mod:Cls").module_path == "pkg.mod"
+    path = tmp_path / "conn.py"
+    path.write_text("")
+    spec = connector_spec(f"{path}:Cls")
+    assert (spec.module_path, spec.module_dir, spec.class_name) == ("conn", str(tmp_path), "Cls")
+
+
+def test_specs_with_json_list_values_are_hashable():
+    assert hash(connector_spec("ExampleConnector", '{"target_prefix": [1, 2]}'))
+
+
+def test_boundary_lengths_straddle_every_block_boundary():
+    assert boundary_lengths(32, 100) == [31, 32, 33, 63, 64, 65, 95, 96, 97]
+
+
+def test_boundary_requests_are_seeded_and_in_vocab():
+    a = boundary_requests(1, 32, 256, 16, 512)
+    assert a == boundary_requests(1, 32, 256, 16, 512) and a != boundary_requests(2, 32, 256, 16, 512)
+    assert all(4 <= t < 512 for r in a for t in r.prompt)
+    assert len({r.request_id for r in a}) == len(a) >= 12
