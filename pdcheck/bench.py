@@ -1,0 +1,79 @@
+"""`pdcheck bench startup`: how long instances take to become useful, as medians.
+
+Measured in one run, on the embedded model, `--repeat` times each:
+- baseline: `import vllm` in a fresh interpreter (what every process would pay without the
+  forkserver);
+- engine build alone, as the worker times it (after vLLM is imported);
+- one instance, from spawn to its first served request (the forkserver already warm);
+- oracle, prefill and decode started together, until all three are ready.
+The first instance, which also starts the forkserver, is reported on its own.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+
+from rich.console import Console
+from rich.table import Table
+
+from pdcheck.cluster.deployment import Deployment
+from pdcheck.cluster.instance import Instance
+from pdcheck.cluster.messages import GenRequest
+from pdcheck.config import EngineSpec, Role, connector_spec, model_path
+from pdcheck.store import RunStore
+
+PROBE = GenRequest(request_id="probe", prompt=list(range(4, 40)), max_tokens=1)
+
+
+def time_import_vllm() -> float:
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import vllm"], check=True, capture_output=True)
+    return time.monotonic() - started
+
+
+def time_instance(spec: EngineSpec, run_dir, name: str) -> tuple[float, float]:
+    """(spawn to first served request, engine build alone) for one instance."""
+    started = time.monotonic()
+    with Instance(name, spec, Role.SINGLE, run_dir, [0]) as instance:
+        instance.wait_ready()
+        result = instance.generate([PROBE], 60)[0]
+        assert result.ok, result.error
+        return time.monotonic() - started, instance.start_s
+
+
+def time_deployment(spec: EngineSpec, run_dir, name: str) -> float:
+    started = time.monotonic()
+    with Deployment(spec, run_dir, name):
+        return time.monotonic() - started
+
+
+def bench_startup(args, stack: ExitStack, console: Console) -> int:
+    spec = EngineSpec(model=model_path(args.model), connector=None)
+    pd_spec = EngineSpec(model=spec.model, connector=connector_spec("ExampleConnector"))
+    store = RunStore(args.runs_dir)
+    stack.callback(store.close)
+    imports = [time_import_vllm() for _ in range(args.repeat)]
+    first, _ = time_instance(spec, store.folder, "first")
+    singles = [time_instance(spec, store.folder, f"single-{i}") for i in range(args.repeat)]
+    trios = [time_deployment(pd_spec, store.folder, f"trio-{i}") for i in range(args.repeat)]
+    rows = {
+        "import vllm (baseline)": imports,
+        "engine build after import": [s[1] for s in singles],
+        "instance: spawn to first request": [s[0] for s in singles],
+        "oracle+prefill+decode ready": trios,
+    }
+    baseline = statistics.median(imports)
+    table = Table(title=f"pdcheck bench startup ({spec.model.name}, median of {args.repeat})")
+    for column in ("measure", "median s", "min s", "max s", "x baseline"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for name, values in rows.items():
+        median = statistics.median(values)
+        table.add_row(name, f"{median:.2f}", f"{min(values):.2f}", f"{max(values):.2f}", f"{median / baseline:.2f}")
+    table.add_row("first instance (starts the forkserver)", f"{first:.2f}", "", "", f"{first / baseline:.2f}")
+    Console().print(table)
+    store.write_results({name: values for name, values in rows.items()} | {"first_instance": first})
+    return 0
