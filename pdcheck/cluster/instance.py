@@ -142,9 +142,13 @@ class Instance:
         return None
 
     def close(self) -> None:
-        """Stop the worker (politely, then by force) and remove its temp folder. Idempotent."""
+        """Stop the worker and remove its temp folder. Idempotent.
+
+        A ready worker is asked to stop, then killed if it does not; one still starting is
+        killed at once, since it reads no messages until its engine is built.
+        """
         if self.process is not None:
-            if self.process.is_alive():
+            if self.process.is_alive() and self.start_s is not None:
                 try:
                     self.conn.send_bytes(self.encoder.encode(Stop()))
                 except OSError:
