@@ -72,13 +72,17 @@ class ConnectorSpec:
         module = self.name.partition(":")[0]
         return str(Path(module).resolve().parent) if module.endswith(".py") else None
 
-    def kv_transfer_config(self, run_dir: Path) -> dict[str, Any]:
-        extra = {k: v.format(run_dir=run_dir) if isinstance(v, str) else v for k, v in self.extra_config}
+    def kv_transfer_config(self, run_dir: Path, port: int) -> dict[str, Any]:
+        """vLLM's kv_transfer_config, with `{run_dir}` and this instance's `{port}` filled in."""
+        extra = {k: v.format(run_dir=run_dir, port=port) if isinstance(v, str) else v for k, v in self.extra_config}
         config = {"kv_connector": self.class_name, "kv_role": "kv_both", "kv_connector_extra_config": extra}
         if self.module_path:
             config["kv_connector_module_path"] = self.module_path
         return config
 
+
+REFERENCE = "pdcheck.connector.plugin:P2PConnector"
+ALIASES = {"reference": REFERENCE}
 
 BUILTIN_DEFAULTS = {
     # ExampleConnector keys stored KV by a hash of the prompt, saved under a shared folder.
@@ -86,18 +90,27 @@ BUILTIN_DEFAULTS = {
         "extra_config": {"shared_storage_path": "{run_dir}/kv"},
         "decode_prompt": DecodePrompt.WITH_FIRST_TOKEN,
     },
+    # pdcheck's reference connector: each instance listens on its own port; PUT modes push
+    # to the decode instance named in the prefill leg's parameters.
+    "P2PConnector": {
+        "extra_config": {"port": "{port}"},
+        "prefill_params": {"do_remote_decode": True, "remote_decode": "{decode_addr}"},
+    },
 }
 
 
 def connector_spec(name: str, config_json: str | None = None, decode_prompt: str | None = None) -> ConnectorSpec:
     """Build a ConnectorSpec from CLI or pytest option strings, filling built-in defaults."""
+    name = ALIASES.get(name, name)
     defaults = BUILTIN_DEFAULTS.get(name.rpartition(":")[2], {})
     extra = dict(defaults.get("extra_config", {}))
     extra.update(parse_json_object(config_json, "connector config"))
     prompt = defaults.get("decode_prompt", DecodePrompt.ORIGINAL)
     if decode_prompt is not None:
         prompt = parse_enum(DecodePrompt, decode_prompt, "decode prompt")
-    return ConnectorSpec(name=name, extra_config=tuple(sorted(extra.items())), decode_prompt=prompt)
+    prefill = defaults.get("prefill_params", {"do_remote_decode": True})
+    return ConnectorSpec(name=name, extra_config=tuple(sorted(extra.items())), decode_prompt=prompt,
+                         prefill_params=tuple(sorted(prefill.items())))
 
 
 def parse_json_object(text: str | None, what: str) -> dict[str, Any]:

@@ -25,18 +25,27 @@ class PDResult(msgspec.Struct):
     prefill: GenResult
 
 
-def prefill_request(request: GenRequest, connector: ConnectorSpec) -> GenRequest:
-    params = dict(connector.prefill_params) | (request.kv_transfer_params or {})
+def prefill_request(request: GenRequest, connector: ConnectorSpec, decode: Instance) -> GenRequest:
+    """`{decode_addr}` in the connector's prefill parameters is the decode instance's address."""
+    filled = {k: v.format(decode_addr=f"127.0.0.1:{decode.port}") if isinstance(v, str) else v
+              for k, v in connector.prefill_params}
+    params = filled | (request.kv_transfer_params or {})
     return msgspec.structs.replace(request, max_tokens=1, kv_transfer_params=params)
+
+
+# vLLM's prefill scheduler adds this accounting field; on decode it would replace decode's own
+# cached-token count with prefill's, hiding what decode loaded. It is not connector data.
+ACCOUNTING_KEYS = ("remote_prefill_cached_tokens",)
 
 
 def decode_request(request: GenRequest, prefilled: GenResult, connector: ConnectorSpec) -> GenRequest:
     prompt, max_tokens = request.prompt, request.max_tokens
+    params = prefilled.kv_transfer_params
+    if params:
+        params = {k: v for k, v in params.items() if k not in ACCOUNTING_KEYS}
     if connector.decode_prompt is DecodePrompt.WITH_FIRST_TOKEN:
         prompt, max_tokens = prompt + prefilled.token_ids[:1], max_tokens - 1
-    return msgspec.structs.replace(
-        request, prompt=prompt, max_tokens=max_tokens, kv_transfer_params=prefilled.kv_transfer_params
-    )
+    return msgspec.structs.replace(request, prompt=prompt, max_tokens=max_tokens, kv_transfer_params=params)
 
 
 def join(prefilled: GenResult, decoded: GenResult, connector: ConnectorSpec) -> GenResult:
@@ -54,7 +63,7 @@ def run_pd(
     prefill: Instance, decode: Instance, connector: ConnectorSpec, requests: list[GenRequest], deadline_s: float
 ) -> list[PDResult]:
     """Both legs for a batch of requests: prefill runs them together, then decode does."""
-    prefilled = prefill.generate([prefill_request(r, connector) for r in requests], deadline_s)
+    prefilled = prefill.generate([prefill_request(r, connector, decode) for r in requests], deadline_s)
     to_decode = [(r, p) for r, p in zip(requests, prefilled) if p.ok]
     decoded = decode.generate([decode_request(r, p, connector) for r, p in to_decode], deadline_s)
     by_id = {d.request_id: d for d in decoded}

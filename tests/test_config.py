@@ -34,7 +34,7 @@ def test_builtin_defaults_and_overrides():
     spec = connector_spec("ExampleConnector", '{"extra": 1}', "original")
     assert spec.decode_prompt is DecodePrompt.ORIGINAL
     assert dict(spec.extra_config) == {"shared_storage_path": "{run_dir}/kv", "extra": 1}
-    config = spec.kv_transfer_config("/r")
+    config = spec.kv_transfer_config("/r", 9)
     assert config["kv_connector_extra_config"]["shared_storage_path"] == "/r/kv"
     assert "kv_connector_module_path" not in config
 

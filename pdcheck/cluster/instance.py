@@ -11,6 +11,7 @@ import importlib.util
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def engine_context():
     return _context
 
 
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stop_engine_server() -> None:
     """Stop the forkserver now rather than whenever it notices its owner is gone.
 
@@ -84,6 +92,7 @@ class Instance:
 
     def __init__(self, name: str, spec: EngineSpec, role: Role, run_dir: Path, cpus: list[int]):
         self.name, self.spec, self.role, self.run_dir, self.cpus = name, spec, role, run_dir, cpus
+        self.port = free_port()  # the connector's, where it listens (`{port}` in its config)
         self.folder = run_dir / "instances" / name
         self.process = None
         self.conn = None
@@ -95,7 +104,7 @@ class Instance:
         context = engine_context()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.conn, child = context.Pipe()
-        args = (child, self.spec, str(self.folder), self.cpus, str(self.run_dir))
+        args = (child, self.spec, str(self.folder), self.cpus, str(self.run_dir), self.port)
         self.process = context.Process(target=worker.main, args=args, name=f"pdcheck-{self.name}", daemon=True)
         self.process.start()
         child.close()

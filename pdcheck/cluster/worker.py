@@ -26,14 +26,14 @@ from pdcheck.errors import BadInput
 PR_SET_PDEATHSIG = 1
 
 
-def main(conn, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str) -> None:
+def main(conn, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str, port: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner stops us, not the terminal
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     isolate(Path(folder), cpus)
     encoder = msgspec.msgpack.Encoder()
     try:
         started = time.monotonic()
-        engine = build_engine(spec, Path(run_dir))
+        engine = build_engine(spec, Path(run_dir), port)
         conn.send_bytes(encoder.encode(Ready(pid=os.getpid(), start_s=time.monotonic() - started)))
     except BadInput as e:
         conn.send_bytes(encoder.encode(Failed(message=str(e), bad_input=True)))
@@ -78,14 +78,14 @@ def connector_class_check(spec: EngineSpec) -> None:
         raise BadInput(f"connector {connector.name!r}: {connector.class_name} is not a vLLM KV connector class")
 
 
-def build_engine(spec: EngineSpec, run_dir: Path):
+def build_engine(spec: EngineSpec, run_dir: Path, port: int):
     from vllm import EngineArgs, LLMEngine
     from vllm.config import KVTransferConfig
 
     kv_config = None
     if spec.connector is not None:
         connector_class_check(spec)
-        kv_config = KVTransferConfig(**spec.connector.kv_transfer_config(run_dir))
+        kv_config = KVTransferConfig(**spec.connector.kv_transfer_config(run_dir, port))
     args = EngineArgs(
         model=str(spec.model), skip_tokenizer_init=True, dtype=spec.dtype, max_model_len=spec.max_model_len,
         block_size=spec.block_size, enforce_eager=True, distributed_executor_backend="uni", seed=0,

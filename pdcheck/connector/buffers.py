@@ -1,0 +1,85 @@
+"""Where KV waits between the engine and the wire, with bounds and deadlines.
+
+Outbox (prefill): KV extracted at save time, keyed by transfer key, until a peer pulls it or
+it expires. Either way its request is reported as done sending, so vLLM frees its blocks.
+Inbox (decode): KV pushed by a peer until decode's load takes it. It holds at most
+`capacity_bytes` in its buffer plus `spill_bytes` in a host pool beside it; a push that fits in
+neither is refused (the sender sees an error, the load fails cleanly and is reported).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+
+class Outbox:
+    def __init__(self, hold_s: float):
+        self.hold_s = hold_s
+        self.lock = threading.Lock()
+        self.waiting: dict[str, tuple[str, torch.Tensor, float]] = {}
+        self.done: set[str] = set()
+
+    def put(self, key: str, request_id: str, tensor: torch.Tensor) -> None:
+        with self.lock:
+            self.waiting[key] = (request_id, tensor, time.monotonic() + self.hold_s)
+
+    def take(self, key: str) -> torch.Tensor | None:
+        with self.lock:
+            entry = self.waiting.pop(key, None)
+            if entry is None:
+                return None
+            self.done.add(entry[0])
+            return entry[1]
+
+    def mark_done(self, request_id: str) -> None:
+        with self.lock:
+            self.done.add(request_id)
+
+    def finished(self) -> set[str]:
+        """Requests whose KV left (or expired) since the last call."""
+        now = time.monotonic()
+        with self.lock:
+            for key, (request_id, _, expires) in list(self.waiting.items()):
+                if expires < now:
+                    del self.waiting[key]
+                    self.done.add(request_id)
+            done, self.done = self.done, set()
+        return done
+
+    @property
+    def num_waiting(self) -> int:
+        with self.lock:
+            return len(self.waiting)
+
+
+class Inbox:
+    def __init__(self, capacity_bytes: int, spill_bytes: int):
+        self.capacity_bytes, self.spill_bytes = capacity_bytes, spill_bytes
+        self.cond = threading.Condition()
+        self.entries: dict[str, torch.Tensor] = {}
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.entries.values())
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        with self.cond:
+            if self.used_bytes + size > self.capacity_bytes + self.spill_bytes:
+                raise BufferError(f"receive buffer full: {key} needs {size} bytes, "
+                                  f"{self.used_bytes} of {self.capacity_bytes + self.spill_bytes} in use")
+            self.entries[key] = tensor
+            self.cond.notify_all()
+
+    def take(self, key: str, deadline_s: float) -> torch.Tensor | None:
+        end = time.monotonic() + deadline_s
+        with self.cond:
+            while key not in self.entries:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+            return self.entries.pop(key)

@@ -1,0 +1,73 @@
+"""The reference connector's settings, read from vLLM's kv_connector_extra_config.
+
+Keys: port (required), host, mode (get | put | put_async), layout, deadline_s, hold_s,
+buffer_bytes, spill_bytes. Bad values raise ValueError naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from pdcheck.connector.layouts import KVLayout
+
+
+class Mode(enum.Enum):
+    PUT = "put"  # prefill pushes inline, at save time
+    PUT_ASYNC = "put_async"  # prefill's send thread pushes a copy taken at save time
+    GET = "get"  # decode pulls from prefill's outbox
+
+
+@dataclasses.dataclass(frozen=True)
+class P2PConfig:
+    port: int
+    host: str = "127.0.0.1"
+    mode: Mode = Mode.GET
+    layout: KVLayout = KVLayout.BLOCKS_FIRST
+    deadline_s: float = 10.0
+    hold_s: float = 120.0
+    buffer_bytes: int = 64 << 20
+    spill_bytes: int = 64 << 20
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port!r}: expected 1-65535")
+        for name in ("deadline_s", "hold_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} {getattr(self, name)!r}: must be positive")
+        for name in ("buffer_bytes", "spill_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)!r}: must not be negative")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> P2PConfig:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(extra) - set(fields)
+        if unknown:
+            raise ValueError(f"unknown reference connector settings: {sorted(unknown)}")
+        if "port" not in extra:
+            raise ValueError("reference connector: `port` is required")
+        values = {}
+        for key, raw in extra.items():
+            values[key] = convert(key, raw)
+        return cls(**values)
+
+
+def convert(key: str, raw: Any):
+    try:
+        if key == "mode":
+            return Mode(raw)
+        if key == "layout":
+            return KVLayout(raw)
+        if key in ("port", "buffer_bytes", "spill_bytes"):
+            return int(raw)
+        if key in ("deadline_s", "hold_s"):
+            return float(raw)
+        return str(raw)
+    except ValueError:
+        raise ValueError(f"{key} {raw!r}: not a valid value") from None

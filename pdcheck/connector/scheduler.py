@@ -1,0 +1,94 @@
+"""The scheduler half: decides what to save and what to load, and when blocks may be freed.
+
+No vLLM import: requests and scheduler outputs are read by attribute only.
+
+Transfer parameters (`kv_transfer_params`):
+- prefill leg in: {"do_remote_decode": true} (+ "remote_decode": "host:port" for PUT modes);
+- prefill out, via request_finished: {"do_remote_prefill": true, "transfer_key": ...,
+  "remote_prefill": "host:port", "num_prompt_tokens": n};
+- decode leg in: what prefill returned.
+The transfer key is a fresh uuid per prefill request (or one the caller put in the params),
+never an engine-local request id, so identical prompts never share a key.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import msgspec
+
+from pdcheck.connector.config import P2PConfig
+from pdcheck.connector.worker import LoadEntry, SaveEntry
+
+
+class PendingSave(msgspec.Struct):
+    transfer_key: str
+    prompt_len: int
+    remote: str | None
+    block_ids: list[int] = []
+    issued: bool = False
+
+
+class SchedulerHalf:
+    def __init__(self, config: P2PConfig, block_size: int):
+        self.config, self.block_size = config, block_size
+        self.saves: dict[str, PendingSave] = {}
+        self.loads: dict[str, LoadEntry] = {}
+        self.local_hits: dict[str, int] = {}
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        params = request.kv_transfer_params or {}
+        prompt_len = len(request.prompt_token_ids or [])
+        if params.get("do_remote_decode") and request.request_id not in self.saves:
+            key = params.get("transfer_key") or uuid.uuid4().hex
+            self.saves[request.request_id] = PendingSave(key, prompt_len, params.get("remote_decode"))
+        if not params.get("do_remote_prefill"):
+            return 0, False
+        self.local_hits[request.request_id] = num_computed_tokens
+        # decode computes the last prompt token itself, so it has logits to sample from
+        return max(0, prompt_len - 1 - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        local = self.local_hits.pop(request.request_id, 0)
+        if num_external_tokens <= 0:
+            return
+        params = request.kv_transfer_params
+        block_ids = list(blocks.get_block_ids()[0])
+        first, end = local // self.block_size, math.ceil((local + num_external_tokens) / self.block_size)
+        self.loads[request.request_id] = LoadEntry(
+            request_id=request.request_id, transfer_key=params["transfer_key"],
+            block_ids=block_ids[first:end], remote=params["remote_prefill"],
+        )
+
+    def build_connector_meta(self, scheduler_output) -> tuple[list[SaveEntry], list[LoadEntry]]:
+        """This step's saves (prompts it completes) and loads (allocated since the last step)."""
+        loads, self.loads = list(self.loads.values()), {}
+        progress = [(new.req_id, new.block_ids[0], new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new_blocks = cached.new_block_ids[i]
+            progress.append((req_id, new_blocks[0] if new_blocks else [], cached.num_computed_tokens[i]))
+        saves = [save for p in progress if (save := self.advance(*p, scheduler_output.num_scheduled_tokens))]
+        return saves, loads
+
+    def advance(self, req_id: str, new_block_ids, num_computed: int, num_scheduled: dict) -> SaveEntry | None:
+        """Track a prefill request's blocks; its SaveEntry in the step that completes its prompt."""
+        pending = self.saves.get(req_id)
+        if pending is None or pending.issued:
+            return None
+        pending.block_ids = pending.block_ids + list(new_block_ids)
+        if num_computed + num_scheduled.get(req_id, 0) < pending.prompt_len:
+            return None
+        pending.issued = True
+        blocks = pending.block_ids[: math.ceil(pending.prompt_len / self.block_size)]
+        return SaveEntry(req_id, pending.transfer_key, blocks, pending.remote)
+
+    def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
+        pending = self.saves.pop(request.request_id, None)
+        if pending is None or not pending.issued:
+            return False, None
+        return True, {
+            "do_remote_prefill": True, "transfer_key": pending.transfer_key,
+            "remote_prefill": self.config.address, "num_prompt_tokens": pending.prompt_len,
+        }

@@ -1,0 +1,137 @@
+"""The TCP plane: control messages and KV bytes over ZMQ (ROUTER server, DEALER clients).
+
+`KVServer` owns one ROUTER socket on its own thread and answers peers: a Pull is served from
+the Outbox, a Push is stored in the Inbox. `KVClient` sends one request and waits for its reply
+with a deadline; a client belongs to one thread (ZMQ sockets are not thread-safe). Tensors go
+as one raw frame, without a copy on the sending side (pyzmq sends the tensor's buffer).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+
+import torch
+import zmq
+
+from pdcheck.connector.buffers import Inbox, Outbox
+from pdcheck.connector.protocol import Ack, Blocks, ErrorReply, ProtocolError, Pull, Push, decode, encode
+
+log = logging.getLogger("pdcheck.connector")
+POLL_MS = 100
+
+
+def to_frame(key: str, tensor: torch.Tensor) -> tuple[Blocks, memoryview]:
+    data = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
+    header = Blocks(transfer_key=key, dtype=str(tensor.dtype).removeprefix("torch."), shape=list(tensor.shape),
+                    checksum=zlib.crc32(data))
+    return header, memoryview(data)
+
+
+def from_frame(header: Blocks, frame) -> torch.Tensor:
+    buffer = frame.buffer if hasattr(frame, "buffer") else frame
+    if zlib.crc32(buffer) != header.checksum:
+        raise ProtocolError(f"transfer {header.transfer_key}: checksum mismatch")
+    dtype = getattr(torch, header.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ProtocolError(f"transfer {header.transfer_key}: unknown dtype {header.dtype!r}")
+    count = 1
+    for n in header.shape:
+        count *= n
+    if count * dtype.itemsize != len(buffer):
+        raise ProtocolError(f"transfer {header.transfer_key}: {len(buffer)} bytes for shape {header.shape}")
+    return torch.frombuffer(bytearray(buffer), dtype=torch.uint8).view(dtype).reshape(header.shape)
+
+
+class KVServer:
+    def __init__(self, context: zmq.Context, address: str, outbox: Outbox, inbox: Inbox):
+        self.outbox, self.inbox = outbox, inbox
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(f"tcp://{address}")
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.serve, name=f"pdcheck-kv-server-{address}", daemon=True)
+
+    def start(self) -> KVServer:
+        self.thread.start()
+        return self
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self.stopping.is_set():
+            if poller.poll(POLL_MS):
+                identity, *frames = self.socket.recv_multipart(copy=False)
+                self.socket.send_multipart([identity, *self.answer(frames)], copy=False)
+        self.socket.close()
+
+    def answer(self, frames) -> list:
+        try:
+            message = decode(frames[0].bytes)
+            if isinstance(message, Pull):
+                return self.serve_pull(message)
+            if isinstance(message, Push) and len(frames) == 2:
+                self.inbox.put(message.blocks.transfer_key, from_frame(message.blocks, frames[1]))
+                return [encode(Ack(message.blocks.transfer_key))]
+            raise ProtocolError(f"unexpected {type(message).__name__} with {len(frames) - 1} data frames")
+        except (ProtocolError, BufferError) as e:
+            log.warning("refused a peer's message: %s", e)
+            return [encode(ErrorReply(transfer_key=None, message=str(e)))]
+
+    def serve_pull(self, pull: Pull) -> list:
+        tensor = self.outbox.take(pull.transfer_key)
+        if tensor is None:
+            raise ProtocolError(f"unknown transfer key {pull.transfer_key}")
+        header, data = to_frame(pull.transfer_key, tensor)
+        return [encode(header), data]
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+
+
+class KVClient:
+    """Requests to peers from one thread; every wait has a deadline."""
+
+    def __init__(self, context: zmq.Context):
+        self.context = context
+        self.sockets: dict[str, zmq.Socket] = {}
+
+    def request(self, address: str, frames: list, deadline_s: float) -> list:
+        socket = self.sockets.get(address) or self.connect(address)
+        socket.send_multipart(frames, copy=False)
+        if not socket.poll(int(deadline_s * 1000)):
+            self.drop(address)  # a late reply must not be read as the next request's
+            raise TimeoutError(f"no reply from {address} within {deadline_s}s")
+        reply = socket.recv_multipart(copy=False)
+        message = decode(reply[0].bytes)
+        if isinstance(message, ErrorReply):
+            raise ProtocolError(f"{address} refused: {message.message}")
+        return [message, *reply[1:]]
+
+    def pull(self, address: str, key: str, deadline_s: float) -> torch.Tensor:
+        header, *data = self.request(address, [encode(Pull(key))], deadline_s)
+        if not isinstance(header, Blocks) or len(data) != 1 or header.transfer_key != key:
+            raise ProtocolError(f"{address} answered a pull of {key} with {type(header).__name__}")
+        return from_frame(header, data[0])
+
+    def push(self, address: str, key: str, tensor: torch.Tensor, deadline_s: float) -> None:
+        header, data = to_frame(key, tensor)
+        (reply,) = self.request(address, [encode(Push(header)), data], deadline_s)
+        if not isinstance(reply, Ack) or reply.transfer_key != key:
+            raise ProtocolError(f"{address} answered a push of {key} with {reply}")
+
+    def connect(self, address: str) -> zmq.Socket:
+        socket = self.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(f"tcp://{address}")
+        self.sockets[address] = socket
+        return socket
+
+    def drop(self, address: str) -> None:
+        self.sockets.pop(address).close()
+
+    def close(self) -> None:
+        for address in list(self.sockets):
+            self.drop(address)

@@ -1,0 +1,154 @@
+"""The worker half: moves KV between the paged caches and the wire. No vLLM import.
+
+Save (prefill): at the end of the step that completes a prompt, the request's blocks are
+copied out of every layer at once (so no later reuse of those blocks can change what is sent)
+into one tensor [layers, blocks, ...]. GET leaves it in the Outbox for decode to pull; PUT
+pushes it inline; PUT_ASYNC hands the copy to the send thread.
+Load (decode): fetch (pull, or take from the Inbox) with a deadline, then inject into the
+request's blocks. A load that fails reports its block ids; it is never skipped silently.
+A request counts as done sending once its KV has left and the scheduler has finished it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import msgspec
+import torch
+import zmq
+
+from pdcheck.connector.buffers import Inbox, Outbox
+from pdcheck.connector.config import Mode, P2PConfig
+from pdcheck.connector.layouts import extract, inject
+from pdcheck.connector.protocol import ProtocolError
+from pdcheck.connector.tcp import KVClient, KVServer
+
+log = logging.getLogger("pdcheck.connector")
+
+
+class SaveEntry(msgspec.Struct, frozen=True):
+    request_id: str
+    transfer_key: str
+    block_ids: list[int]
+    remote: str | None = None  # decode's address, for PUT modes
+
+
+class LoadEntry(msgspec.Struct, frozen=True):
+    request_id: str
+    transfer_key: str
+    block_ids: list[int]
+    remote: str  # prefill's address
+
+
+class TransferStats(msgspec.Struct):
+    request_id: str
+    direction: str
+    bytes: int
+    blocks: int
+    seconds: float
+
+
+class WorkerHalf:
+    def __init__(self, config: P2PConfig):
+        self.config = config
+        self.context = zmq.Context()
+        self.outbox = Outbox(config.hold_s)
+        self.inbox = Inbox(config.buffer_bytes, config.spill_bytes)
+        self.server = KVServer(self.context, config.address, self.outbox, self.inbox).start()
+        self.client = KVClient(self.context)
+        self.layers: dict[str, torch.Tensor] = {}
+        self.load_errors: set[int] = set()
+        self.sent: set[str] = set()
+        self.finished_by_scheduler: set[str] = set()
+        self.lock = threading.Lock()
+        self.stats: list[TransferStats] = []
+        self.sends: queue.Queue = queue.Queue()
+        self.sender = None
+        if config.mode is Mode.PUT_ASYNC:
+            self.sender = threading.Thread(target=self.send_loop, name="pdcheck-kv-sender", daemon=True)
+            self.sender.start()
+
+    # -- save (prefill) ------------------------------------------------------------------
+    def record_layer(self, name: str, cache: torch.Tensor) -> None:
+        self.layers[name] = cache
+
+    def save(self, entries: list[SaveEntry]) -> None:
+        for entry in entries:
+            started = time.monotonic()
+            data = torch.stack([extract(self.layers[n], self.config.layout, entry.block_ids) for n in sorted(self.layers)])
+            if self.config.mode is Mode.GET:
+                self.outbox.put(entry.transfer_key, entry.request_id, data)
+            elif self.config.mode is Mode.PUT:
+                self.push(entry, data, started)
+            else:
+                self.sends.put((entry, data, started))
+
+    def push(self, entry: SaveEntry, data: torch.Tensor, started: float) -> None:
+        client = self.client if threading.current_thread() is not self.sender else self.sender_client
+        try:
+            client.push(entry.remote, entry.transfer_key, data, self.config.deadline_s)
+            self.record_stats(entry.request_id, "send", data, len(entry.block_ids), started)
+        except (TimeoutError, ProtocolError) as e:
+            log.error("push of %s to %s failed: %s", entry.transfer_key, entry.remote, e)
+        with self.lock:
+            self.sent.add(entry.request_id)
+
+    def send_loop(self) -> None:
+        self.sender_client = KVClient(self.context)
+        while (item := self.sends.get()) is not None:
+            self.push(*item)
+        self.sender_client.close()
+
+    # -- load (decode) -------------------------------------------------------------------
+    def load(self, entries: list[LoadEntry], layers: dict[str, torch.Tensor]) -> None:
+        for entry in entries:
+            started = time.monotonic()
+            try:
+                data = self.fetch(entry)
+                if data.shape[0] != len(layers) or data.shape[1] < len(entry.block_ids):
+                    raise ProtocolError(f"{entry.transfer_key}: got {list(data.shape[:2])} layers x blocks, "
+                                        f"need {len(layers)} x {len(entry.block_ids)}")
+                for i, name in enumerate(sorted(layers)):
+                    inject(layers[name], self.config.layout, entry.block_ids, data[i, : len(entry.block_ids)])
+                self.record_stats(entry.request_id, "recv", data, len(entry.block_ids), started)
+            except (TimeoutError, ProtocolError) as e:
+                log.error("load of %s failed: %s", entry.transfer_key, e)
+                self.load_errors.update(entry.block_ids)
+
+    def fetch(self, entry: LoadEntry) -> torch.Tensor:
+        if self.config.mode is Mode.GET:
+            return self.client.pull(entry.remote, entry.transfer_key, self.config.deadline_s)
+        data = self.inbox.take(entry.transfer_key, self.config.deadline_s)
+        if data is None:
+            raise TimeoutError(f"{entry.transfer_key} was not pushed within {self.config.deadline_s}s")
+        return data
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def record_stats(self, request_id: str, direction: str, data: torch.Tensor, blocks: int, started: float) -> None:
+        size = data.numel() * data.element_size()
+        self.stats.append(TransferStats(request_id, direction, size, blocks, time.monotonic() - started))
+
+    def finished(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests done sending: their KV left, and the scheduler has finished them."""
+        with self.lock:
+            self.sent |= self.outbox.finished()
+            self.finished_by_scheduler |= finished_req_ids
+            done = self.sent & self.finished_by_scheduler
+            self.sent -= done
+            self.finished_by_scheduler -= done
+        return done
+
+    def take_load_errors(self) -> set[int]:
+        errors, self.load_errors = self.load_errors, set()
+        return errors
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sends.put(None)
+            self.sender.join(self.config.deadline_s + 1)
+        self.server.stop()
+        self.client.close()
+        self.context.term()
