@@ -8,6 +8,7 @@ input, or an instance that would not start). Every instance is stopped on every 
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 from contextlib import ExitStack
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-tokens", type=int, default=16)
     run.add_argument("--lengths", type=lengths_option, help="only prompts of these lengths, e.g. 64,65")
+    run.add_argument("--topology", type=topology_option, default=(1, 1), help="xPyD, e.g. 2P2D (default 1P1D)")
     run.add_argument("--runs-dir", type=Path, default=Path("runs"))
     bench = commands.add_parser("bench", help="benchmarks")
     which = bench.add_subparsers(dest="bench", required=True)
@@ -56,6 +58,13 @@ def lengths_option(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def topology_option(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"([1-8])P([1-8])D", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected xPyD with x, y in 1..8 (e.g. 2P2D), got {text!r}")
+    return int(match[1]), int(match[2])
 
 
 def engine_specs(args) -> list[EngineSpec]:

@@ -56,8 +56,10 @@ def check(
     for start in range(0, len(requests), concurrency):
         batch = requests[start : start + concurrency]
         for request in batch:
-            history.record("invoke", config=spec.label, request_id=request.request_id, prompt_len=len(request.prompt))
-        for request, pd in zip(batch, run_pd(deployment.prefill, deployment.decode, spec.connector, batch, DEADLINE_S)):
+            history.record("invoke", config=spec.label, request_id=request.request_id, prompt_len=len(request.prompt),
+                           topology=deployment.topology)
+        prefill, decode = deployment.pair(start // concurrency)
+        for request, pd in zip(batch, run_pd(prefill, decode, spec.connector, batch, DEADLINE_S)):
             item = judge_one(spec, request, pd, expected[request.request_id], calibration, earlier)
             earlier.append(len(request.prompt))
             history.record(completion_kind(item.verdict.outcome), config=spec.label, request_id=request.request_id,

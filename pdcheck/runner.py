@@ -35,7 +35,8 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
     workloads = [workload(args, spec) for spec in specs]
     store = RunStore(args.runs_dir)
     stack.callback(store.close)
-    deployments = [Deployment(spec, store.folder, name=f"{i}-{spec.model.name}-{spec.dtype}") for i, spec in enumerate(specs)]
+    deployments = [Deployment(spec, store.folder, f"{i}-{spec.model.name}-{spec.dtype}", None, *args.topology)
+                   for i, spec in enumerate(specs)]
     for deployment in deployments:
         stack.callback(deployment.close)
     console.print(f"run folder: {store.folder}")

@@ -20,9 +20,11 @@ RUN = ["-m", "pdcheck.cli", "run", "--model", "tiny-llama", "--dtype", "float32"
 
 
 def start_run(tmp_path) -> subprocess.Popen:
+    # a SIGKILLed Python cannot remove multiprocessing's temp folder: keep it out of /tmp
+    env = dict(os.environ, TMPDIR=str(tmp_path))
     return subprocess.Popen(
         [sys.executable, *RUN, "--runs-dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
     )
 
 

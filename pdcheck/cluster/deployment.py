@@ -1,12 +1,12 @@
-"""A 1P1D deployment beside its oracle: three instances for one EngineSpec, started together.
+"""An xPyD deployment beside its oracle: instances for one EngineSpec, started together.
 
-CPUs are handed out round-robin over this process's allowed CPUs (oracle, prefill, decode),
-so on two cores the oracle and decode share one and prefill has the other.
+`pair(i)` is the (prefill, decode) pair for the i-th batch of requests: prefills vary fastest,
+so with 2P2D four batches cover P0>D0, P1>D0 (2P1D), P0>D1 (1P2D) and P1>D1.
+CPUs are handed out round-robin over this process's allowed CPUs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -20,18 +20,31 @@ def cpu_plan(count: int) -> list[list[int]]:
 
 
 class Deployment:
-    def __init__(self, spec: EngineSpec, run_dir: Path, name: str, decode_spec: EngineSpec | None = None):
+    def __init__(self, spec: EngineSpec, run_dir: Path, name: str, decode_spec: EngineSpec | None = None,
+                 num_prefill: int = 1, num_decode: int = 1, oracle: Instance | None = None):
+        """`oracle`: a running oracle to use (and leave running) instead of starting one."""
         assert spec.connector is not None, "a PD deployment needs a connector"
         self.spec = spec
         self.folder = run_dir / name  # also the connector's `{run_dir}`: nothing shared across deployments
-        oracle_cpus, prefill_cpus, decode_cpus = cpu_plan(3)
-        self.oracle = Instance("oracle", spec.without_connector(), Role.SINGLE, self.folder, oracle_cpus)
-        self.prefill = Instance("prefill", spec, Role.PREFILL, self.folder, prefill_cpus)
-        self.decode = Instance("decode", decode_spec or spec, Role.DECODE, self.folder, decode_cpus)
+        cpus = iter(cpu_plan(1 + num_prefill + num_decode))
+        self.owns_oracle = oracle is None
+        self.oracle = oracle or Instance("oracle", spec.without_connector(), Role.SINGLE, self.folder, next(cpus))
+        self.prefills = [Instance(f"prefill{i}", spec, Role.PREFILL, self.folder, next(cpus)) for i in range(num_prefill)]
+        self.decodes = [Instance(f"decode{i}", decode_spec or spec, Role.DECODE, self.folder, next(cpus))
+                        for i in range(num_decode)]
+
+    @property
+    def topology(self) -> str:
+        return f"{len(self.prefills)}P{len(self.decodes)}D"
 
     @property
     def instances(self) -> list[Instance]:
-        return [self.oracle, self.prefill, self.decode]
+        """The instances this deployment owns (starts and stops)."""
+        return [self.oracle, *self.prefills, *self.decodes] if self.owns_oracle else [*self.prefills, *self.decodes]
+
+    def pair(self, i: int) -> tuple[Instance, Instance]:
+        p = len(self.prefills)
+        return self.prefills[i % p], self.decodes[(i // p) % len(self.decodes)]
 
     def start(self) -> Deployment:
         try:
@@ -60,7 +73,3 @@ class Deployment:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def with_decode_connector(spec: EngineSpec, connector) -> EngineSpec:
-    return dataclasses.replace(spec, connector=connector)

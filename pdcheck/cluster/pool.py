@@ -1,8 +1,9 @@
 """Deployments shared by a test session: started on first use, at most `max_alive` at a time.
 
-Suites ask for a deployment by its specs; the pool starts it, keeps its Oracle (and so the
-oracle's cached results) with it, and closes the least recently used one when over the limit.
-`close` stops everything; the pytest plugin calls it at the end of the session.
+Suites ask for a deployment by its specs; the pool starts it and closes the least recently
+used one when over the limit. Oracles are shared: deployments whose engines have the same
+settings (connector aside) use one oracle engine and its cached results, which lives while any
+of them does. `close` stops everything; the pytest plugin calls it at the end of the session.
 """
 
 from __future__ import annotations
@@ -11,31 +12,52 @@ from collections import OrderedDict
 from pathlib import Path
 
 from pdcheck.checker.oracle import Oracle
-from pdcheck.cluster.deployment import Deployment
-from pdcheck.cluster.instance import stop_engine_server
-from pdcheck.config import EngineSpec
+from pdcheck.cluster.deployment import Deployment, cpu_plan
+from pdcheck.cluster.instance import Instance, stop_engine_server
+from pdcheck.config import EngineSpec, Role
 
 
 class DeploymentPool:
     def __init__(self, run_dir: Path, max_alive: int = 2):
         self.run_dir, self.max_alive = run_dir, max_alive
         self.alive: OrderedDict[tuple, tuple[Deployment, Oracle]] = OrderedDict()
+        self.oracles: dict[EngineSpec, Oracle] = {}
         self.memo: dict[tuple, object] = {}
         self.count = 0
 
-    def get(self, spec: EngineSpec, decode_spec: EngineSpec | None = None) -> tuple[Deployment, Oracle]:
-        key = (spec, decode_spec)
+    def get(self, spec: EngineSpec, decode_spec: EngineSpec | None = None, num_prefill: int = 1,
+            num_decode: int = 1) -> tuple[Deployment, Oracle]:
+        key = (spec, decode_spec, num_prefill, num_decode)
         if key in self.alive:
             self.alive.move_to_end(key)
             return self.alive[key]
         while len(self.alive) >= self.max_alive:
             _, (old, _) = self.alive.popitem(last=False)
             old.close()
+            self.close_unused_oracles()
         self.count += 1
         name = f"{self.count}-{spec.model.name}-{spec.dtype}"
-        deployment = Deployment(spec, self.run_dir, name, decode_spec=decode_spec)
-        self.alive[key] = (deployment.start().wait_ready(), Oracle(deployment.oracle))
+        oracle = self.oracle_for(spec.without_connector())
+        deployment = Deployment(spec, self.run_dir, name, decode_spec, num_prefill, num_decode, oracle=oracle.instance)
+        deployment.start()
+        if oracle.instance.start_s is None:
+            oracle.instance.wait_ready()
+        deployment.wait_ready()
+        self.alive[key] = (deployment, oracle)
         return self.alive[key]
+
+    def oracle_for(self, spec: EngineSpec) -> Oracle:
+        """The shared oracle for these settings, started (not yet waited for) if new."""
+        if spec not in self.oracles:
+            name = f"oracle-{len(self.oracles)}-{spec.model.name}-{spec.dtype}"
+            instance = Instance(name, spec, Role.SINGLE, self.run_dir, cpu_plan(1)[0])
+            self.oracles[spec] = Oracle(instance.start())
+        return self.oracles[spec]
+
+    def close_unused_oracles(self) -> None:
+        used = {d.spec.without_connector() for d, _ in self.alive.values()}
+        for spec in set(self.oracles) - used:
+            self.oracles.pop(spec).instance.close()
 
     def once(self, key: tuple, compute):
         """compute() the first time `key` is asked for, the remembered value after that."""
@@ -47,4 +69,5 @@ class DeploymentPool:
         while self.alive:
             _, (deployment, _) = self.alive.popitem()
             deployment.close()
+        self.close_unused_oracles()
         stop_engine_server()
