@@ -77,3 +77,71 @@ def bench_startup(args, stack: ExitStack, console: Console) -> int:
     Console().print(table)
     store.write_results({name: values for name, values in rows.items()} | {"first_instance": first})
     return 0
+
+
+def plain_socket_transfer(payload: memoryview) -> float:
+    """Seconds to move `payload` over a loopback TCP socket (the baseline)."""
+    import socket
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def serve():
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(payload)
+
+        sender = threading.Thread(target=serve)
+        sender.start()
+        buffer = bytearray(len(payload))
+        view = memoryview(buffer)
+        started = time.monotonic()
+        with socket.create_connection(server.getsockname()) as conn:
+            received = 0
+            while received < len(buffer):
+                received += conn.recv_into(view[received:])
+        elapsed = time.monotonic() - started
+        sender.join()
+    return elapsed
+
+
+def connector_transfer(tensor) -> float:
+    """Seconds for the reference connector's TCP plane to serve one pull of `tensor`."""
+    import zmq
+
+    from pdcheck.cluster.instance import free_port
+    from pdcheck.connector.buffers import Inbox, Outbox
+    from pdcheck.connector.tcp import KVClient, KVServer, to_frame
+
+    context = zmq.Context()
+    address = f"127.0.0.1:{free_port()}"
+    outbox = Outbox(hold_s=60)
+    server = KVServer(context, address, outbox, Inbox(0, 0)).start()
+    client = KVClient(context)
+    try:
+        outbox.put("bench", "bench", to_frame("bench", tensor))  # made at save time, as in the connector
+        started = time.monotonic()
+        client.pull(address, "bench", 60)
+        return time.monotonic() - started
+    finally:
+        client.close()
+        server.stop()
+        context.term()
+
+
+def bench_tcp(args, stack: ExitStack, console: Console) -> int:
+    import torch
+
+    tensor = torch.randn(args.mib << 18, generator=torch.Generator().manual_seed(0))  # float32: 4 bytes each
+    payload = memoryview(tensor.numpy()).cast("B")
+    size_gib = len(payload) / 2**30
+    plain = [plain_socket_transfer(payload) for _ in range(args.repeat)]
+    ours = [connector_transfer(tensor) for _ in range(args.repeat)]
+    table = Table(title=f"pdcheck bench tcp ({args.mib} MiB per transfer, median of {args.repeat}, loopback)")
+    for column in ("path", "median s", "GiB/s", "x plain socket"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    base = statistics.median(plain)
+    for name, times in (("plain socket (baseline)", plain), ("connector pull (ZMQ, checksummed)", ours)):
+        median = statistics.median(times)
+        table.add_row(name, f"{median:.4f}", f"{size_gib / median:.2f}", f"{base / median:.2f}")
+    Console().print(table)
+    return 0

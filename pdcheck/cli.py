@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     startup.add_argument("--model", default="tiny-llama")
     startup.add_argument("--repeat", type=int, default=5)
     startup.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    tcp = which.add_parser("tcp", help="the reference connector's TCP plane against a plain socket")
+    tcp.add_argument("--mib", type=int, default=64, help="bytes per transfer, in MiB")
+    tcp.add_argument("--repeat", type=int, default=9)
     return parser
 
 
@@ -87,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                 from pdcheck.runner import run_gate
 
                 return run_gate(args, engine_specs(args), stack, console)
-            from pdcheck.bench import bench_startup
+            from pdcheck import bench
 
-            return bench_startup(args, stack, console)
+            return {"startup": bench.bench_startup, "tcp": bench.bench_tcp}[args.bench](args, stack, console)
     except BadInput as e:
         print(f"pdcheck: error: {e}", file=sys.stderr)
         return 2

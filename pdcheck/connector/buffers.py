@@ -1,7 +1,7 @@
 """Where KV waits between the engine and the wire, with bounds and deadlines.
 
-Outbox (prefill): KV extracted at save time, keyed by transfer key, until a peer pulls it or
-it expires. Either way its request is reported as done sending, so vLLM frees its blocks.
+Outbox (prefill): KV extracted at save time, keyed by transfer key, with its frame header
+(checksum included) made at save time too, until a peer pulls it or it expires. Either way its request is reported as done sending, so vLLM frees its blocks.
 Inbox (decode): KV pushed by a peer until decode's load takes it. It holds at most
 `capacity_bytes` in its buffer plus `spill_bytes` in a host pool beside it; a push that fits in
 neither is refused (the sender sees an error, the load fails cleanly and is reported).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import torch
 
@@ -19,14 +20,15 @@ class Outbox:
     def __init__(self, hold_s: float):
         self.hold_s = hold_s
         self.lock = threading.Lock()
-        self.waiting: dict[str, tuple[str, torch.Tensor, float]] = {}
+        self.waiting: dict[str, tuple[str, Any, float]] = {}
         self.done: set[str] = set()
 
-    def put(self, key: str, request_id: str, tensor: torch.Tensor) -> None:
+    def put(self, key: str, request_id: str, frame: Any) -> None:
+        """`frame`: what a pull of `key` is answered with (the TCP plane's header and bytes)."""
         with self.lock:
-            self.waiting[key] = (request_id, tensor, time.monotonic() + self.hold_s)
+            self.waiting[key] = (request_id, frame, time.monotonic() + self.hold_s)
 
-    def take(self, key: str) -> torch.Tensor | None:
+    def take(self, key: str) -> Any | None:
         with self.lock:
             entry = self.waiting.pop(key, None)
             if entry is None:

@@ -24,7 +24,7 @@ from pdcheck.connector.buffers import Inbox, Outbox
 from pdcheck.connector.config import Mode, P2PConfig
 from pdcheck.connector.layouts import extract, inject
 from pdcheck.connector.protocol import ProtocolError
-from pdcheck.connector.tcp import KVClient, KVServer
+from pdcheck.connector.tcp import KVClient, KVServer, to_frame
 
 log = logging.getLogger("pdcheck.connector")
 
@@ -80,7 +80,7 @@ class WorkerHalf:
             started = time.monotonic()
             data = torch.stack([extract(self.layers[n], self.config.layout, entry.block_ids) for n in sorted(self.layers)])
             if self.config.mode is Mode.GET:
-                self.outbox.put(entry.transfer_key, entry.request_id, data)
+                self.outbox.put(entry.transfer_key, entry.request_id, to_frame(entry.transfer_key, data))
             elif self.config.mode is Mode.PUT:
                 self.push(entry, data, started)
             else:
