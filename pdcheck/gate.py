@@ -71,6 +71,17 @@ def check(
     return calibration, checked
 
 
+def leaks(deployment: Deployment, history: History, timeout_s: float = 10.0) -> list[str]:
+    """Instances that still hold KV blocks or requests after the workload, once drained."""
+    found = []
+    for instance in deployment.instances:
+        state = instance.drain(timeout_s)
+        history.record("note", config=deployment.spec.label, instance=instance.name, drained=state)
+        if state is None or not state.idle:
+            found.append(f"{instance.name}: {state or 'not running'}")
+    return found
+
+
 def judge_one(spec, request: GenRequest, pd: PDResult, expected, calibration: Calibration, earlier) -> Checked:
     verdict = judge(
         expected, pd.result, calibration.rule, calibration.tolerance, pd.external_tokens,

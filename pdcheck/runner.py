@@ -16,7 +16,7 @@ from pdcheck import report
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec
 from pdcheck.errors import BadInput
-from pdcheck.gate import check
+from pdcheck.gate import check, leaks
 from pdcheck.repro import replay_command
 from pdcheck.store import RunStore
 from pdcheck.workload.boundary import boundary_workload
@@ -52,10 +52,13 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
                 deployments[i + 1].start()
             progress.update(task, description=f"checking {deployment.spec.label}")
             calibration, checked = check(deployment, requests, store.history, on_result=lambda _: progress.advance(task))
+            leaked = leaks(deployment, store.history)
             deployment.close()
-            configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked})
+            configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked,
+                            "leaks": leaked})
     failures = [(spec, cfg["requests"], c) for spec, cfg in zip(specs, configs) for c in cfg["requests"] if not c.passed]
-    verdict = "valid" if not failures else "invalid"
+    leaked = [f"{cfg['config']} {leak}" for cfg in configs for leak in cfg["leaks"]]
+    verdict = "valid" if not failures and not leaked else "invalid"
     store.write_results({"verdict": verdict, "configs": configs})
     report.print_summary(console, configs)
     report.print_known_defects(console, configs)
@@ -64,5 +67,7 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
         lengths = [s.prompt_len for s in sent[: sent.index(c) + 1]]
         replay = replay_command(spec, args.seed, args.max_tokens, lengths)
         console.print(f"  replay: {replay}", markup=False, highlight=False)
+    for leak in leaked:
+        console.print(f"leak after drain: {leak}", markup=False, highlight=False)
     console.print(f"verdict: {verdict}   results: {store.folder / 'results.json'}", markup=False)
     return 0 if verdict == "valid" else 1

@@ -2,17 +2,25 @@
 
 Requests go one at a time through the pairs P0>D0, P1>D0, P0>D1, P1>D1 in turn, so each
 decode receives from both prefills (2P1D) and each prefill sends to both decodes (1P2D).
-Every request must match the oracle, and every request longer than one block must have been
-loaded through the connector (decode's external-token count says how much).
+Every request must match the oracle, every request longer than one block must have been
+loaded through the connector (decode's external-token count says how much), and once drained
+no instance may hold KV blocks or requests. Negative control: a variant that never frees
+prefill's blocks is reported as a leak. Fault: prefill dying before decode pulls ends the
+request as an error within the connector's deadline.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import pytest
 
 from pdcheck.checker.compare import Outcome
 from pdcheck.config import EngineSpec, connector_spec, model_path
-from pdcheck.gate import check
+from pdcheck.cluster.deployment import Deployment
+from pdcheck.gate import check, leaks
+from pdcheck.pd import decode_request, prefill_request
 from pdcheck.report import failure_line
 from pdcheck.workload.boundary import boundary_workload
 
@@ -34,3 +42,36 @@ def test_reference_connector_matches_oracle_2p2d(mode, model, pd_pool, pd_histor
     for c, r in zip(checked, requests):
         if len(r.prompt) > spec.block_size:
             assert c.external_tokens == len(r.prompt) - 1, f"len {len(r.prompt)}: loaded {c.external_tokens} tokens"
+    assert leaks(deployment, pd_history) == [], "KV blocks or requests held after drain"
+
+
+@pytest.mark.vllm
+def test_blocks_never_released_are_reported_as_a_leak(pd_pool, pd_history):
+    """Negative control for the drain check: prefill that never frees its blocks is caught."""
+    spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference"))
+    mutant = dataclasses.replace(spec.connector, name="pdcheck.mutants.controls:NeverReleaseConnector")
+    leaky = dataclasses.replace(spec, connector=mutant)
+    deployment, oracle = pd_pool.get(leaky)
+    requests = boundary_workload(spec)[:6]
+    _, checked = check(deployment, requests, pd_history, oracle)
+    assert all(c.verdict.outcome is Outcome.MATCH for c in checked)
+    leaked = leaks(deployment, pd_history, timeout_s=1.0)
+    assert [name.split(":")[0] for name in leaked] == ["prefill0"], leaked
+
+
+@pytest.mark.vllm
+def test_prefill_dying_before_the_pull_ends_the_request_as_an_error_in_time(pd_run_dir):
+    spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16",
+                      connector=connector_spec("reference", '{"deadline_s": 2}'))
+    request = boundary_workload(spec)[5]
+    with Deployment(spec, pd_run_dir, "prefill-dies") as deployment:
+        prefill, decode = deployment.pair(0)
+        prefilled = prefill.generate([prefill_request(request, spec.connector, decode)], 30)[0]
+        assert prefilled.ok and prefilled.kv_transfer_params["transfer_key"]
+        prefill.process.kill()
+        started = time.monotonic()
+        decoded = decode.generate([decode_request(request, prefilled, spec.connector)], 30)[0]
+        elapsed = time.monotonic() - started
+        assert decoded.error and not decoded.hung, decoded
+        assert elapsed < 2 + 5, f"took {elapsed:.1f}s against a 2s deadline"
+        assert decode.drain(5).idle

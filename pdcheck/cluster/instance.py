@@ -18,7 +18,9 @@ from pathlib import Path
 import msgspec
 
 from pdcheck.cluster import worker
-from pdcheck.cluster.messages import Failed, FromWorker, Generate, GenRequest, GenResult, Ready, Results, Stop
+from pdcheck.cluster.messages import (
+    Drain, EngineState, Failed, FromWorker, Generate, GenRequest, GenResult, Ready, Results, Stop,
+)
 from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput, InstanceFailed
 
@@ -132,6 +134,14 @@ class Instance:
         self.close()
         return [GenResult(request_id=r.request_id, hung=True, error=f"instance {self.name} stopped answering")
                 for r in requests]
+
+    def drain(self, timeout_s: float = 10.0) -> EngineState | None:
+        """Let the idle engine free what it still holds; what it holds after (None if dead)."""
+        if not self.alive:
+            return None
+        self.conn.send_bytes(self.encoder.encode(Drain(timeout_s=timeout_s)))
+        message = self._receive(timeout_s + REPLY_GRACE_S)
+        return message if isinstance(message, EngineState) else None
 
     @property
     def alive(self) -> bool:

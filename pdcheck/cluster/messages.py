@@ -47,6 +47,24 @@ class Stop(msgspec.Struct, frozen=True, tag=True):
     pass
 
 
+class Drain(msgspec.Struct, frozen=True, tag=True):
+    """Step the idle engine until its KV blocks are all free again (or the timeout passes)."""
+
+    timeout_s: float
+
+
+class EngineState(msgspec.Struct, frozen=True, tag=True):
+    """What an engine holds: the fraction of KV blocks in use, and requests it still has."""
+
+    kv_cache_usage: float
+    running: int
+    waiting: int
+
+    @property
+    def idle(self) -> bool:
+        return self.kv_cache_usage == 0 and self.running == 0 and self.waiting == 0
+
+
 class Ready(msgspec.Struct, frozen=True, tag=True):
     pid: int
     start_s: float
@@ -63,5 +81,5 @@ class Results(msgspec.Struct, frozen=True, tag=True):
     results: list[GenResult]
 
 
-ToWorker = Generate | Stop
-FromWorker = Ready | Failed | Results
+ToWorker = Generate | Stop | Drain
+FromWorker = Ready | Failed | Results | EngineState

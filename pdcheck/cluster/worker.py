@@ -19,7 +19,9 @@ from pathlib import Path
 
 import msgspec
 
-from pdcheck.cluster.messages import Failed, Generate, GenRequest, GenResult, Ready, Results, Stop, ToWorker
+from pdcheck.cluster.messages import (
+    Drain, EngineState, Failed, GenRequest, GenResult, Ready, Results, Stop, ToWorker,
+)
 from pdcheck.config import EngineSpec
 from pdcheck.errors import BadInput
 
@@ -100,9 +102,30 @@ def serve(conn, engine, encoder) -> None:
         message = decoder.decode(conn.recv_bytes())
         if isinstance(message, Stop):
             return
-        assert isinstance(message, Generate)
+        if isinstance(message, Drain):
+            conn.send_bytes(encoder.encode(drain(engine, time.monotonic() + message.timeout_s)))
+            continue
         results = run_batch(engine, message.requests, time.monotonic() + message.deadline_s)
         conn.send_bytes(encoder.encode(Results(results=results)))
+
+
+def engine_state(engine) -> EngineState:
+    gauges = {m.name: m.value for m in engine.get_metrics() if hasattr(m, "value") and not m.labels.get("reason")}
+    return EngineState(
+        kv_cache_usage=float(gauges.get("vllm:kv_cache_usage_perc", 0.0)),
+        running=int(gauges.get("vllm:num_requests_running", 0)),
+        waiting=int(gauges.get("vllm:num_requests_waiting", 0)),
+    )
+
+
+def drain(engine, deadline: float) -> EngineState:
+    """Step until every block is free (connectors may hold some until their sends finish)."""
+    while True:
+        engine.step()
+        state = engine_state(engine)
+        if state.idle or time.monotonic() > deadline:
+            return state
+        time.sleep(0.01)
 
 
 def sampling_params(request: GenRequest):

@@ -53,6 +53,12 @@ class P2PConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
 
+    def update_connector_output(self, connector_output) -> None:
+        self.scheduler.sends_finished(connector_output.finished_sending)
+
+    def has_pending_push_work(self) -> bool:
+        return self.scheduler.has_pending_frees
+
     # -- worker side -----------------------------------------------------------------------
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         loads = self._get_connector_metadata().loads

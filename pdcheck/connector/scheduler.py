@@ -36,6 +36,7 @@ class SchedulerHalf:
         self.saves: dict[str, PendingSave] = {}
         self.loads: dict[str, LoadEntry] = {}
         self.local_hits: dict[str, int] = {}
+        self.delayed: set[str] = set()  # finished requests whose blocks wait for their send
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params or {}
@@ -88,7 +89,17 @@ class SchedulerHalf:
         pending = self.saves.pop(request.request_id, None)
         if pending is None or not pending.issued:
             return False, None
+        self.delayed.add(request.request_id)
         return True, {
             "do_remote_prefill": True, "transfer_key": pending.transfer_key,
             "remote_prefill": self.config.address, "num_prompt_tokens": pending.prompt_len,
         }
+
+    def sends_finished(self, request_ids) -> None:
+        """The worker reported these requests done sending: vLLM frees their blocks now."""
+        self.delayed -= set(request_ids or ())
+
+    @property
+    def has_pending_frees(self) -> bool:
+        """True while blocks wait for sends: the engine must keep stepping to learn of them."""
+        return bool(self.delayed)

@@ -6,6 +6,7 @@ Each wraps vLLM's ExampleConnector on the decode side:
   element. The target is the request whose prompt starts with `target_prefix` (token ids).
 - LoadNothingConnector reports no external hit, so decode recomputes everything: outputs
   still match, but nothing was transferred (a silent fallback).
+- NeverReleaseConnector (a reference-connector variant) never frees prefill's blocks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import ExampleConnector
+
+from pdcheck.connector.plugin import P2PConnector
 
 
 class PerturbBlockConnector(ExampleConnector):
@@ -47,3 +50,15 @@ class PerturbBlockConnector(ExampleConnector):
 class LoadNothingConnector(ExampleConnector):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         return 0, False
+
+
+class NeverReleaseConnector(P2PConnector):
+    """The reference connector, except prefill never reports a send as finished: vLLM keeps
+    every prefilled request's blocks forever (a leak the drain check must report)."""
+
+    def get_finished(self, finished_req_ids: set[str]):
+        self.worker.finished(finished_req_ids)
+        return None, None
+
+    def has_pending_push_work(self) -> bool:
+        return False
