@@ -2,15 +2,18 @@
 
     python -m pdcheck.bench_nccl [--tokens 256 1024 4096] [--warmup 5] [--repeat 25] [--json PATH]
 
-Rank 0 (GPU 0) sends and rank 1 (GPU 1) receives, with the same bytes in every mode:
+Rank 0 (GPU 0) sends and rank 1 (GPU 1) receives the same bytes in every mode:
 - raw: the whole request as ONE bf16 message (one ncclSend / ncclRecv);
+- grouped: its 32 layers as 32 messages in one NCCL group, into buffers made once (NCCL alone);
 - connector: a Llama-8B-shaped request, 32 layers of [blocks, 2, 16, 8, 128] bf16 (4K tokens =
-  16 MiB a layer), as per-layer tensors in one grouped call; the send waits on an event of the
-  compute stream, receive buffers are allocated on the receive stream;
-- connector+checksum: the same, with per-block checksums made beside the send and verified on
+  16 MiB a layer) through `NcclPeer.send_blocks` / `recv_blocks`: one grouped call, the send
+  waiting on a compute-stream event, the receive buffer allocated on the receive stream;
+- connector+checksum: the same with per-block checksums made beside the send and verified on
   the receive stream before the request counts as received.
-The sender queues every send up front, so CUDA events on the receive stream around each request
-time the transfer itself. Warm-up runs are dropped; the table shows medians of the timed runs.
+Each mode is timed two ways with CUDA events on the receive stream: streamed (WINDOW requests in
+flight, the time between consecutive ends: bandwidth) and single (one request at a time, from
+before the receive is posted: latency, the receiver's host enqueue included). The sender queues
+every send up front. Warm-up requests are dropped; the tables show medians.
 
 `run_pair` owns the two spawned ranks; tests/test_nccl.py runs its scenarios through it too.
 """
@@ -18,7 +21,10 @@ time the transfer itself. Warm-up runs are dropped; the table shows medians of t
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
@@ -32,9 +38,12 @@ from dataclasses import dataclass
 
 import torch
 
-from pdcheck.connector.nccl import LayerSpec, NcclPeer, make_unique_id, recorded
+from pdcheck.connector.nccl import LayerSpec, NcclPeer, block_checksums, recorded, request_buffer
+from pdcheck.connector.nccl_lib import make_unique_id
 
-MODES = ("raw", "connector", "connector+checksum")
+MODES = ("raw", "grouped", "connector", "connector+checksum")
+MEASURES = ("streamed", "single")
+WINDOW = 4
 PEER_DEADLINE_S = 60.0
 JOIN_S = 30.0
 
@@ -136,31 +145,39 @@ class Case:
         return self.layers * math.prod(self.layer_shape) * 2
 
     def data(self, device) -> list[torch.Tensor]:
-        """The request's layers, the same on every GPU of one model (seeded by the size)."""
+        """The request's layers, as views of one staging buffer (the connector's save path writes
+        each layer's blocks into it); the same on every GPU of one model (seeded by the size)."""
         gen = torch.Generator(device=device).manual_seed(self.tokens)
-        return [torch.randn(self.layer_shape, generator=gen, device=device, dtype=torch.bfloat16)
-                for _ in range(self.layers)]
+        shape = (self.layers, *self.layer_shape)
+        return list(torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16).unbind(0))
 
 
 def bench_rank(peer: NcclPeer, rank: int, tokens: tuple[int, ...], warmup: int, repeat: int) -> dict:
-    times = {}
+    times, checksums = {}, {}
     for case in map(Case, tokens):
         layers = case.data(peer.device)
-        torch.cuda.synchronize(peer.device)
-        for mode in MODES:
-            if rank == 0:
-                send_runs(peer, layers, mode, warmup + repeat)
-            else:
-                times[f"{case.tokens}/{mode}"] = recv_runs(peer, layers, mode, warmup + repeat)[warmup:]
-    return {"device": torch.cuda.get_device_name(peer.device), "times": times}
-
-
-def send_runs(peer: NcclPeer, layers: list[torch.Tensor], mode: str, runs: int) -> None:
-    if mode == "raw":
         flat = torch.cat([t.reshape(-1) for t in layers])
+        torch.cuda.synchronize(peer.device)
+        for measure in MEASURES:
+            for mode in MODES:
+                if rank == 0:
+                    send_runs(peer, layers, flat, mode, warmup + repeat + 1)
+                else:
+                    runs = receive(peer, layers, flat, mode, measure, warmup + repeat + 1)
+                    times[f"{case.tokens}/{measure}/{mode}"] = runs[warmup:warmup + repeat]
+                    if measure == "single":
+                        times[f"{case.tokens}/post_ms/{mode}"] = runs[-repeat:]
+        if rank == 1:
+            checksums[case.tokens] = checksum_ms(peer, layers)
+    return {"device": torch.cuda.get_device_name(peer.device), "times": times, "checksum_ms": checksums}
+
+
+def send_runs(peer: NcclPeer, layers: list[torch.Tensor], flat: torch.Tensor, mode: str, runs: int) -> None:
+    """Queue every send up front: the receiver never waits for the sender's host."""
+    if mode in ("raw", "grouped"):
         peer.send_stream.wait_stream(torch.cuda.current_stream())
         for _ in range(runs):
-            peer.post_one("ncclSend", flat, peer.send_stream)
+            peer.post_group("ncclSend", [flat] if mode == "raw" else layers, peer.send_stream)
         peer.await_event(recorded(peer.send_stream), time.monotonic() + PEER_DEADLINE_S)
         return
     compute = torch.cuda.current_stream()
@@ -169,27 +186,76 @@ def send_runs(peer: NcclPeer, layers: list[torch.Tensor], mode: str, runs: int) 
         transfer.wait(PEER_DEADLINE_S)
 
 
-def recv_runs(peer: NcclPeer, expected: list[torch.Tensor], mode: str, runs: int) -> list[float]:
-    times, got = [], None
-    flat = None
-    if mode == "raw":
-        with torch.cuda.stream(peer.recv_stream):
-            flat = torch.empty(sum(t.numel() for t in expected), dtype=torch.bfloat16, device=peer.device)
+def receive(peer: NcclPeer, expected: list[torch.Tensor], flat: torch.Tensor, mode: str, measure: str,
+            runs: int) -> list[float]:
     specs = [LayerSpec.of(t) for t in expected]
-    for _ in range(runs):
-        start = timing_event(peer.recv_stream)
-        if flat is not None:
-            peer.post_one("ncclRecv", flat, peer.recv_stream)
-        else:
-            transfer = peer.recv_blocks(specs, verify=mode.endswith("checksum"))
-        end = timing_event(peer.recv_stream)
-        peer.await_event(end, time.monotonic() + PEER_DEADLINE_S)
-        got = [flat] if flat is not None else transfer.wait(PEER_DEADLINE_S)
-        times.append(start.elapsed_time(end))
-    want = [torch.cat([t.reshape(-1) for t in expected])] if flat is not None else expected
+    with torch.cuda.stream(peer.recv_stream):  # the baselines' buffers, made once
+        views = [torch.empty_like(flat)] if mode == "raw" else request_buffer(specs, peer.device)[1]
+    post = functools.partial(post_recv, peer, mode, specs, views)
+    ends_on = peer.sum_stream if mode == "connector+checksum" else peer.recv_stream  # where a request is done
+    times, got = (streamed if measure == "streamed" else one_at_a_time)(peer, post, ends_on, runs)
+    want = [flat] if mode == "raw" else expected
     if not all(torch.equal(g.view(torch.int16), w.view(torch.int16)) for g, w in zip(got, want)):
         raise AssertionError(f"{mode}: received bytes differ from the sent ones")
     return times
+
+
+def post_recv(peer: NcclPeer, mode: str, specs: list[LayerSpec], views: list[torch.Tensor]):
+    if mode in ("raw", "grouped"):
+        peer.post_group("ncclRecv", views, peer.recv_stream)
+        return views
+    return peer.recv_blocks(specs, verify=mode.endswith("checksum"))
+
+
+def finish(peer: NcclPeer, posted, end: torch.cuda.Event) -> list[torch.Tensor]:
+    peer.await_event(end, time.monotonic() + PEER_DEADLINE_S)
+    return posted if isinstance(posted, list) else posted.wait(PEER_DEADLINE_S)
+
+
+def one_at_a_time(peer: NcclPeer, post, ends_on, runs: int) -> tuple[list[float], list[torch.Tensor]]:
+    """From before the receive is posted to its end: the receiver's host enqueue counts. Also
+    the host's milliseconds to post each request (they follow the GPU times in the list)."""
+    times, host, got = [], [], []
+    for _ in range(runs):
+        start, began = timing_event(peer.recv_stream), time.perf_counter()
+        posted = post()
+        end = timing_event(ends_on)
+        host.append((time.perf_counter() - began) * 1000)
+        got = finish(peer, posted, end)
+        times.append(start.elapsed_time(end))
+    return times + host, got
+
+
+def streamed(peer: NcclPeer, post, ends_on, runs: int) -> tuple[list[float], list[torch.Tensor]]:
+    """WINDOW requests in flight; a request's time is the gap between consecutive ends."""
+    ends, pending, got = [], collections.deque(), []
+    for _ in range(runs):
+        if len(pending) == WINDOW:
+            got = finish(peer, *pending.popleft())
+        posted = post()
+        ends.append(timing_event(ends_on))
+        pending.append((posted, ends[-1]))
+    while pending:
+        got = finish(peer, *pending.popleft())
+    return [a.elapsed_time(b) for a, b in zip(ends, ends[1:])], got
+
+
+def checksum_ms(peer: NcclPeer, layers: list[torch.Tensor]) -> dict:
+    """Time of a request's checksums, layers in separate allocations (one kernel each, launch
+    bound) and in one buffer (one kernel), back to back on an idle GPU."""
+    apart = [t.clone() for t in layers]
+    return {"per_layer": gpu_ms(lambda: block_checksums(apart)), "one_kernel": gpu_ms(lambda: block_checksums(layers))}
+
+
+def gpu_ms(fn, runs: int = 20) -> float:
+    fn()
+    stream = torch.cuda.current_stream()
+    start = timing_event(stream)
+    for _ in range(runs):
+        fn()
+    end = timing_event(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / runs
 
 
 def timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
@@ -198,31 +264,32 @@ def timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
     return event
 
 
-def gib_per_s(nbytes: int, ms: float) -> float:
-    return nbytes / 2**30 / (ms / 1000)
-
-
-def rows(times: dict, tokens: tuple[int, ...]) -> list[dict]:
+def rows(result: dict, tokens: tuple[int, ...]) -> list[dict]:
     table = []
-    for case in map(Case, tokens):
-        median = {mode: statistics.median(times[f"{case.tokens}/{mode}"]) for mode in MODES}
-        rate = {mode: gib_per_s(case.total_bytes, ms) for mode, ms in median.items()}
-        table.append({"tokens": case.tokens, "layers": case.layers, "layer_mib": case.total_bytes / case.layers / 2**20,
-                      "total_mib": case.total_bytes / 2**20, "runs": len(times[f"{case.tokens}/raw"]),
-                      "median_ms": median, "gib_s": rate,
-                      "ratio": {m: rate[m] / rate["raw"] for m in MODES[1:]}})
+    for case, measure in itertools.product(map(Case, tokens), MEASURES):
+        median = {m: statistics.median(result["times"][f"{case.tokens}/{measure}/{m}"]) for m in MODES}
+        rate = {m: case.total_bytes / 2**30 / (ms / 1000) for m, ms in median.items()}
+        post_ms = {m: statistics.median(result["times"][f"{case.tokens}/post_ms/{m}"]) for m in MODES}
+        table.append({"tokens": case.tokens, "measure": measure, "layers": case.layers, "post_ms": post_ms,
+                      "layer_mib": case.total_bytes / case.layers / 2**20, "total_mib": case.total_bytes / 2**20,
+                      "median_ms": median, "gib_s": rate, "ratio": {m: rate[m] / rate["raw"] for m in MODES[1:]},
+                      "checksum_ms": result["checksum_ms"][case.tokens]})
     return table
 
 
-def render(table: list[dict], device: str) -> str:
-    lines = [f"NCCL plane vs raw NCCL, GPU 0 -> GPU 1 ({device}); medians of {table[0]['runs']} runs",
-             f"{'tokens':>6} {'layers x MiB':>12} {'total MiB':>9} {'raw GiB/s':>9} {'conn GiB/s':>10} {'ratio':>6} "
-             f"{'conn+sum GiB/s':>14} {'ratio':>6}"]
+def render(table: list[dict], device: str, repeat: int) -> str:
+    lines = [f"NCCL plane vs raw NCCL, GPU 0 -> GPU 1 ({device}); GiB/s from medians of {repeat} requests",
+             f"streamed: {WINDOW} requests in flight, time between consecutive ends; "
+             "single: one at a time, from before the receive is posted",
+             f"{'tokens':>6} {'measure':>8} {'layers x MiB':>12} {'raw':>6} {'grouped':>12} {'connector':>13} "
+             f"{'conn+checksum':>13}  checksum ms (per layer / one kernel)"]
     for r in table:
-        g, q = r["gib_s"], r["ratio"]
-        lines.append(f"{r['tokens']:>6} {r['layers']:>4} x {r['layer_mib']:<5g} {r['total_mib']:>9g} {g['raw']:>9.1f} "
-                     f"{g['connector']:>10.1f} {q['connector']:>6.1%} {g['connector+checksum']:>14.1f} "
-                     f"{q['connector+checksum']:>6.1%}")
+        g, q, c = r["gib_s"], r["ratio"], r["checksum_ms"]
+        cells = " ".join(f"{g[m]:>6.1f} {q[m]:>6.1%}" for m in MODES[1:])
+        lines.append(f"{r['tokens']:>6} {r['measure']:>8} {r['layers']:>4} x {r['layer_mib']:<5g} {g['raw']:>6.1f} "
+                     f"{cells}  {c['per_layer']:.3f} / {c['one_kernel']:.3f}")
+    lines.append("receiver host ms to post one request (" + ", ".join(MODES) + "): " + "; ".join(
+        f"{r['tokens']}: " + " / ".join(f"{r['post_ms'][m]:.3f}" for m in MODES) for r in table[::len(MEASURES)]))
     return "\n".join(lines)
 
 
@@ -244,8 +311,8 @@ def main(argv=None) -> int:
     except (PairError, TimeoutError) as e:
         print(f"bench_nccl: {e}", file=sys.stderr)
         return 1
-    table = rows(result["times"], tokens)
-    print(render(table, result["device"]))
+    table = rows(result, tokens)
+    print(render(table, result["device"], args.repeat))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": result["device"], "rows": table, "times_ms": result["times"]}, f, indent=1)

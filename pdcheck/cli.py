@@ -8,6 +8,7 @@ input, or an instance that would not start). Every instance is stopped on every 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import re
 import signal
 import sys
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
     try:
         with ExitStack() as stack:
             stack.callback(stop_engine_server)

@@ -48,7 +48,7 @@ EOF
 install_wheels || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
-"$PY" -c "import torch; from pdcheck.connector.nccl import find_library as f; print('torch', torch.__version__, \
+"$PY" -c "import torch; from pdcheck.connector.nccl_lib import find_library as f; print('torch', torch.__version__, \
 '| GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], '| NCCL:', f())" \
     2>&1 | tee "$out/env.txt"
 
@@ -71,6 +71,6 @@ fi
     echo "GPU tier on $gpus GPU(s)"
     echo "tests: exit $tests_rc: $(junit_counts "$out/gpu-junit.xml")"
     echo "bench: exit $bench_rc"
-    grep -A8 "^NCCL plane" "$out/bench.log" || true
+    grep -A10 "^NCCL plane" "$out/bench.log" || true
 } | tee "$out/summary.txt"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

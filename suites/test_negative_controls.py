@@ -9,7 +9,6 @@ exactly the target request, or `fallback` for every request that should have loa
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 

@@ -62,7 +62,14 @@ def test_ctrl_c_stops_every_instance_and_exits_130(tmp_path):
     proc = start_run(tmp_path)
     workers = wait_for_workers(proc, 3)
     os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(60) == 130, proc.stderr.read()[-2000:]
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the CLI prints its threads' stacks
+        time.sleep(1)
+        proc.kill()
+        pytest.fail(f"still running 60s after Ctrl-C:\n{proc.communicate()[1][-4000:]}")
+    assert proc.returncode == 130, proc.stderr.read()[-2000:]
     assert all_gone(workers) == []
     assert all_gone(group_members(proc.pid)) == []
 

@@ -106,10 +106,12 @@ class Instance:
         context = engine_context()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.conn, child = context.Pipe()
-        args = (child, self.spec, str(self.folder), self.cpus, str(self.run_dir), self.port)
+        lifeline, self.lifeline = context.Pipe(duplex=False)  # closed when this process ends
+        args = (child, lifeline, self.spec, str(self.folder), self.cpus, str(self.run_dir), self.port)
         self.process = context.Process(target=worker.main, args=args, name=f"pdcheck-{self.name}", daemon=True)
         self.process.start()
         child.close()
+        lifeline.close()
         return self
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -180,6 +182,7 @@ class Instance:
             self.process = None
         if self.conn is not None:
             self.conn.close()
+            self.lifeline.close()
             self.conn = None
         shutil.rmtree(self.folder / "tmp", ignore_errors=True)
 

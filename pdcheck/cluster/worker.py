@@ -2,7 +2,7 @@
 
 `main` runs in the child. It pins itself to its CPUs, points every cache and temp folder at
 the instance's own folder, checks the connector, builds the engine, says Ready, then serves
-Generate messages until Stop (or until its parent dies: it asks the kernel for SIGKILL then).
+Generate messages until Stop. If its owner dies, however it dies, the worker kills itself.
 vLLM is imported lazily, so the harness can name `main` without importing vLLM itself.
 """
 
@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from pdcheck.errors import BadInput
 PR_SET_PDEATHSIG = 1
 
 
-def main(conn, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str, port: int) -> None:
+def main(conn, lifeline, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str, port: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner stops us, not the terminal
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if the forkserver goes
+    threading.Thread(target=die_with_owner, args=(lifeline,), name="pdcheck-lifeline", daemon=True).start()
     isolate(Path(folder), cpus)
     encoder = msgspec.msgpack.Encoder()
     try:
@@ -44,6 +46,16 @@ def main(conn, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str, por
         conn.send_bytes(encoder.encode(Failed(message=f"{type(e).__name__}: {e}")))
         return
     serve(conn, engine, encoder)
+
+
+def die_with_owner(lifeline) -> None:
+    """The owner holds the other end of `lifeline` and never writes: EOF means it is gone,
+    however it went (a forked worker's parent is the forkserver, not the owner)."""
+    try:
+        lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def isolate(folder: Path, cpus: list[int]) -> None:

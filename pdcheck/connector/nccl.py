@@ -1,7 +1,7 @@
 """The NCCL plane: KV blocks GPU to GPU through NCCL, bound with ctypes (no torch.distributed).
 
 An `NcclPeer` is a 2-rank communicator between a prefill and a decode worker: rank 0 makes the
-128-byte id (`make_unique_id`) and sends it over the control plane; both build a peer with it.
+128-byte id (`nccl_lib.make_unique_id`) and sends it over the control plane; both build a peer with it.
 - A request moves in one grouped NCCL call: all its per-layer tensors [n, *block] between one
   ncclGroupStart/End, then (with verify) one int64 message of per-block checksums.
 - Sends and receives on a peer match in posting order: both sides post the same requests in the
@@ -11,10 +11,12 @@ An `NcclPeer` is a 2-rank communicator between a prefill and a decode worker: ra
   stream, and `Transfer.wait` hands them to the caller's current stream.
 - Every wait has a deadline. Init, enqueue and `Transfer.wait` raise TimeoutError when it passes,
   after aborting the communicator (the peer is unusable afterwards).
-- Checksums: per block, the sum of its 32-bit words (of its bytes where a block is not whole
-  words), made on the sender's GPU beside the data send unless the caller made them at save
-  time; the receiver recomputes them on its receive stream and `wait` raises ChecksumError
-  naming the first mismatching layer and block.
+- Checksums: per block, the sum (mod 2**64) of its 64-bit words (32-bit words or bytes where
+  blocks are not whole words), made on the sender's GPU beside the data send unless the caller
+  made them at save time. The receiver recomputes them on its checksum stream once the data is
+  in (one kernel for the whole request, while the receive stream goes on with the next one);
+  `wait` raises ChecksumError naming the first mismatching layer and block.
+- A received request is one allocation; its layers are views into it.
 - A peer belongs to one thread; its owner closes it, which aborts whatever is still in flight.
 """
 
@@ -22,126 +24,24 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
-import functools
-import importlib.util
-import os
-import sys
+import itertools
+import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from pdcheck.connector.nccl_lib import (
+    IN_PROGRESS, NCCL_DTYPES, SUCCESS, NcclError, UniqueId, library, nonblocking_config,
+)
 from pdcheck.connector.protocol import ProtocolError
 
-LIB_NAME = "libnccl.so.2"
-SUCCESS, IN_PROGRESS = 0, 7
-POLL_S = 0.0002
-NCCL_DTYPES = {torch.int8: 0, torch.uint8: 1, torch.bool: 1, torch.int32: 2, torch.int64: 4,
-               torch.float16: 6, torch.float32: 7, torch.float64: 8, torch.bfloat16: 9}
-
-
-class NcclError(RuntimeError):
-    """NCCL refused a call or failed a communicator."""
+POLL_S = 0.00005
+ALIGN = 256  # bytes between the layers of a received request
 
 
 class ChecksumError(ProtocolError):
     """A received block's content differs from what the sender checksummed."""
-
-
-class UniqueId(ctypes.Structure):
-    _fields_ = [("internal", ctypes.c_byte * 128)]
-
-
-class Config(ctypes.Structure):  # ncclConfig_t as of NCCL 2.14: later NCCLs read `size`, default the rest
-    _fields_ = [("size", ctypes.c_size_t), ("magic", ctypes.c_uint), ("version", ctypes.c_uint),
-                ("blocking", ctypes.c_int), ("cgaClusterSize", ctypes.c_int), ("minCTAs", ctypes.c_int),
-                ("maxCTAs", ctypes.c_int), ("netName", ctypes.c_char_p)]
-
-
-def nonblocking_config() -> Config:
-    undef = -(2**31)
-    return Config(ctypes.sizeof(Config), 0xCAFEBEEF, 21400, 0, undef, undef, undef, None)
-
-
-P, I, SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
-PROTOTYPES = {
-    "ncclGetUniqueId": (I, [ctypes.POINTER(UniqueId)]),
-    "ncclCommInitRankConfig": (I, [ctypes.POINTER(P), I, UniqueId, I, ctypes.POINTER(Config)]),
-    "ncclCommGetAsyncError": (I, [P, ctypes.POINTER(I)]),
-    "ncclSend": (I, [P, SIZE, I, I, P, P]),
-    "ncclRecv": (I, [P, SIZE, I, I, P, P]),
-    "ncclGroupStart": (I, []),
-    "ncclGroupEnd": (I, []),
-    "ncclCommAbort": (I, [P]),
-    "ncclGetErrorString": (ctypes.c_char_p, [I]),
-    "ncclGetLastError": (ctypes.c_char_p, [P]),
-}
-
-
-def library_candidates() -> list[Path]:
-    """Where libnccl.so.2 is looked for: the nvidia-nccl-cu12/-cu13 package, then beside torch."""
-    places = []
-    with contextlib.suppress(ImportError, ValueError):
-        spec = importlib.util.find_spec("nvidia.nccl")
-        places += [Path(d) / "lib" for d in (spec.submodule_search_locations or [])] if spec else []
-    roots = [Path(p) / "nvidia" for p in sys.path if p]
-    places += [r / "nccl" / "lib" for r in roots] + [lib.parent for r in roots for lib in r.glob(f"*/lib/{LIB_NAME}")]
-    torch_dir = Path(torch.__file__).parent
-    places += [torch_dir / "lib", torch_dir.parent / "nvidia" / "nccl" / "lib"]
-    return [p / LIB_NAME for p in dict.fromkeys(places)]
-
-
-def find_library() -> str:
-    explicit = os.environ.get("PDCHECK_NCCL_LIB")
-    if explicit:
-        if not Path(explicit).is_file():
-            raise NcclError(f"PDCHECK_NCCL_LIB={explicit} is not a file")
-        return explicit
-    candidates = library_candidates()
-    found = next((str(c) for c in candidates if c.is_file()), None) or ctypes.util.find_library("nccl")
-    if found is None:
-        looked = "\n  ".join(["$PDCHECK_NCCL_LIB (unset)", *map(str, candidates), "ctypes.util.find_library('nccl')"])
-        raise NcclError(f"{LIB_NAME} not found; looked in:\n  {looked}")
-    return found
-
-
-class Library:
-    """The NCCL functions this plane calls, with their return codes checked."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.cdll = ctypes.CDLL(path)
-        for name, (restype, argtypes) in PROTOTYPES.items():
-            function = getattr(self.cdll, name)
-            function.restype, function.argtypes = restype, argtypes
-
-    def call(self, name: str, *args, comm=None) -> int:
-        """Call `name`; NCCL's InProgress (non-blocking communicators) counts as accepted."""
-        result = getattr(self.cdll, name)(*args)
-        if result not in (SUCCESS, IN_PROGRESS):
-            raise NcclError(f"{name} failed: {self.describe(result, comm)}")
-        return result
-
-    def describe(self, result: int, comm=None) -> str:
-        text = self.cdll.ncclGetErrorString(result).decode()
-        last = self.cdll.ncclGetLastError(comm).decode() if comm else ""
-        return f"{text} ({result})" + (f": {last}" if last else "")
-
-
-@functools.lru_cache(maxsize=1)
-def library() -> Library:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # point-to-point needs no NVLink multicast
-    return Library(find_library())
-
-
-def make_unique_id() -> bytes:
-    """A new communicator id, for rank 0 to send to rank 1. Its process hosts NCCL's bootstrap."""
-    uid = UniqueId()
-    library().call("ncclGetUniqueId", ctypes.byref(uid))
-    return bytes(uid.internal)
-
 
 def nccl_args(tensor: torch.Tensor) -> tuple[int, int, int]:
     """(pointer, count, ncclDataType_t); dtypes NCCL does not name travel as bytes."""
@@ -152,19 +52,50 @@ def nccl_args(tensor: torch.Tensor) -> tuple[int, int, int]:
 
 
 def layer_checksums(blocks: torch.Tensor) -> torch.Tensor:
-    """One int64 per block of `blocks` [n, *block]: the sum of its 32-bit words (or bytes)."""
-    n = blocks.shape[0]
-    if blocks.numel() == 0:
+    """One int64 per block of `blocks` [n, *block]: the wrapping sum of its 64-bit words (32-bit
+    words or bytes where a block's size is not a multiple of 8 or 4 bytes)."""
+    n, size = blocks.shape[0], blocks.element_size()
+    block_bytes = blocks.numel() // n * size if n else 0
+    if block_bytes == 0:
         return torch.zeros(n, dtype=torch.int64, device=blocks.device)
-    rows = blocks.reshape(n, -1).view(torch.uint8)
-    if rows.shape[1] % 4 == 0:
-        rows = rows.view(torch.int32)
-    return rows.sum(dim=1, dtype=torch.int64)
+    word = next(w for w in (torch.int64, torch.int32, torch.uint8) if block_bytes % w.itemsize == 0)
+    viewable = (blocks.shape[-1] * size) % word.itemsize == (blocks.storage_offset() * size) % word.itemsize == 0
+    if blocks.dim() > 1 and viewable:
+        return blocks.view(word).sum(dim=tuple(range(1, blocks.dim())), dtype=torch.int64)  # 2 ops, not 5
+    return blocks.reshape(n, -1).view(torch.uint8).view(word).sum(dim=1, dtype=torch.int64)
 
 
 def block_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Checksums of every block of every layer, layer after layer, on the current stream."""
-    return torch.cat([layer_checksums(t) for t in tensors])
+    """Checksums of every block of every layer, layer after layer, on the current stream: in one
+    kernel when the layers lie back to back in one allocation (a staging or request buffer)."""
+    fused = fused_view(tensors)
+    return layer_checksums(fused) if fused is not None else torch.cat([layer_checksums(t) for t in tensors])
+
+
+def fused_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """All layers as one [sum of n, *block] tensor, if they are adjacent slices of one storage."""
+    first = tensors[0]
+    block, pointer = first.shape[1:], first.data_ptr()
+    for t in tensors:
+        if t.shape[1:] != block or t.dtype != first.dtype or t.data_ptr() != pointer or not t.is_contiguous():
+            return None
+        pointer += t.numel() * t.element_size()
+    if first.untyped_storage().data_ptr() + first.untyped_storage().nbytes() < pointer:
+        return None
+    shape = (sum(t.shape[0] for t in tensors), *block)
+    strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return first.as_strided(shape, strides, first.storage_offset())
+
+
+def request_buffer(specs: list[LayerSpec], device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One allocation on the current stream for a whole request, and its layers' views into it."""
+    if specs and all(s == specs[0] for s in specs):  # the usual case, in two ops
+        stacked = torch.empty((len(specs), *specs[0].shape), dtype=specs[0].dtype, device=device)
+        return stacked, list(stacked.unbind(0))
+    sizes = [math.prod(s.shape) * s.dtype.itemsize for s in specs]
+    offsets = list(itertools.accumulate((-(-n // ALIGN) * ALIGN for n in sizes), initial=0))
+    flat = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
+    return flat, [flat[o:o + n].view(s.dtype).view(s.shape) for o, n, s in zip(offsets, sizes, specs)]
 
 
 @dataclass(frozen=True)
@@ -187,9 +118,9 @@ class ChecksumCheck:
     block_ids: tuple[int, ...] | None
 
     def raise_if_bad(self) -> None:
-        bad = torch.ne(self.sent, self.made).nonzero()
-        if bad.numel() == 0:
+        if torch.equal(self.sent, self.made):
             return
+        bad = torch.ne(self.sent, self.made).nonzero()
         index = block = int(bad[0, 0])
         layer = 0
         while block >= self.blocks_per_layer[layer]:
@@ -206,16 +137,17 @@ class Transfer:
     peer: NcclPeer
     tensors: list[torch.Tensor]
     done: torch.cuda.Event
+    base: torch.Tensor | None = None  # a received request's one allocation
     check: ChecksumCheck | None = None
 
     def wait(self, deadline_s: float) -> list[torch.Tensor]:
         self.peer.await_event(self.done, time.monotonic() + deadline_s)
         if self.check is not None:
             self.check.raise_if_bad()
-        stream = torch.cuda.current_stream(self.peer.device)
-        stream.wait_event(self.done)
-        for t in self.tensors:
-            t.record_stream(stream)
+        if self.base is not None:
+            stream = torch.cuda.current_stream(self.peer.device)
+            stream.wait_event(self.done)
+            self.base.record_stream(stream)
         return self.tensors
 
 
@@ -245,8 +177,8 @@ class NcclPeer:
         with torch.cuda.stream(self.send_stream):  # one word each way: connections made now, not mid-request
             out, back = (torch.zeros(1, dtype=torch.int32, device=self.device) for _ in range(2))
         with self.group(deadline_at):
-            self.post("ncclSend", out, self.send_stream)
-            self.post("ncclRecv", back, self.send_stream)
+            self.post("ncclSend", [out], self.send_stream)
+            self.post("ncclRecv", [back], self.send_stream)
         self.await_event(recorded(self.send_stream), deadline_at)
 
     def send_blocks(self, tensors: list[torch.Tensor], after: torch.cuda.Event, *,
@@ -259,12 +191,12 @@ class NcclPeer:
         with self.group(deadline_at):
             for t in tensors:
                 t.record_stream(self.send_stream)
-                self.post("ncclSend", t, self.send_stream)
+            self.post("ncclSend", tensors, self.send_stream)
         if verify:
             sums = self.checksums_beside(tensors, after) if checksums is None else checked_sums(checksums, tensors)
             sums.record_stream(self.send_stream)
             with self.group(deadline_at):
-                self.post("ncclSend", sums, self.send_stream)
+                self.post("ncclSend", [sums], self.send_stream)
         return Transfer(self, list(tensors), recorded(self.send_stream))
 
     def checksums_beside(self, tensors: list[torch.Tensor], after: torch.cuda.Event) -> torch.Tensor:
@@ -272,35 +204,40 @@ class NcclPeer:
         self.sum_stream.wait_event(after)
         with torch.cuda.stream(self.sum_stream):
             sums = block_checksums(tensors)
-        for t in tensors:
-            t.record_stream(self.sum_stream)
-        self.send_stream.wait_event(recorded(self.sum_stream))
+        self.send_stream.wait_event(recorded(self.sum_stream))  # so the send stream's record covers these reads
         return sums
 
     def recv_blocks(self, specs: list[LayerSpec], *, verify: bool = True, block_ids=None) -> Transfer:
         """Post the receive of one request; `block_ids` only name blocks in a ChecksumError."""
         deadline_at = time.monotonic() + self.deadline_s
         with torch.cuda.stream(self.recv_stream):
-            tensors = [torch.empty(s.shape, dtype=s.dtype, device=self.device) for s in specs]
+            base, tensors = request_buffer(specs, self.device)
         with self.group(deadline_at):
-            for t in tensors:
-                self.post("ncclRecv", t, self.recv_stream)
-        check = self.post_check(tensors, deadline_at, block_ids) if verify else None
-        return Transfer(self, tensors, recorded(self.recv_stream), check)
+            self.post("ncclRecv", tensors, self.recv_stream)
+        if not verify:
+            return Transfer(self, tensors, recorded(self.recv_stream), base)
+        check = self.post_check(base, tensors, deadline_at, block_ids)
+        return Transfer(self, tensors, recorded(self.sum_stream), base, check)
 
-    def post_check(self, tensors: list[torch.Tensor], deadline_at: float, block_ids) -> ChecksumCheck:
+    def post_check(self, base, tensors: list[torch.Tensor], deadline_at: float, block_ids) -> ChecksumCheck:
+        """Receive the sender's checksums, then recompute them on the checksum stream, so the
+        receive stream can go on with the next request meanwhile."""
         counts = tuple(t.shape[0] for t in tensors)
         with torch.cuda.stream(self.recv_stream):
             sent = torch.empty(sum(counts), dtype=torch.int64, device=self.device)
-            with self.group(deadline_at):
-                self.post("ncclRecv", sent, self.recv_stream)
+        with self.group(deadline_at):
+            self.post("ncclRecv", [sent], self.recv_stream)
+        self.sum_stream.wait_event(recorded(self.recv_stream))
+        base.record_stream(self.sum_stream)
+        with torch.cuda.stream(self.sum_stream):
             made = block_checksums(tensors)
         return ChecksumCheck(sent, made, counts, tuple(block_ids) if block_ids is not None else None)
 
-    def post_one(self, name: str, tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
-        """One plain ncclSend or ncclRecv on `stream`, ordered by the caller (the raw baseline)."""
+    def post_group(self, name: str, tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> None:
+        """Plain ncclSend or ncclRecv of `tensors` in one group on `stream`, ordered by the caller
+        (the bench's baselines)."""
         with self.group(time.monotonic() + self.deadline_s):
-            self.post(name, tensor, stream)
+            self.post(name, tensors, stream)
 
     @contextlib.contextmanager
     def group(self, deadline_at: float):
@@ -311,10 +248,12 @@ class NcclPeer:
             self.lib.call("ncclGroupEnd", comm=self.comm)
         self.settle(deadline_at)
 
-    def post(self, name: str, tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
-        pointer, count, dtype = nccl_args(tensor)
-        comm = self.live_comm()
-        self.lib.call(name, pointer, count, dtype, self.other, comm, stream.cuda_stream, comm=comm)
+    def post(self, name: str, tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> None:
+        """ncclSend or ncclRecv of each tensor, with the rank, communicator and stream looked up once."""
+        function, comm, handle = getattr(self.lib.cdll, name), self.live_comm(), stream.cuda_stream
+        for t in tensors:
+            pointer, count, dtype = nccl_args(t)
+            self.lib.check(name, function(pointer, count, dtype, self.other, comm, handle), comm)
 
     def settle(self, deadline_at: float) -> None:
         """Until NCCL has taken the last call (a non-blocking communicator may finish it in the background)."""
