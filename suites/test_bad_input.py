@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -32,14 +32,16 @@ CASES = {
 NEEDS_VLLM = {"unknown-connector-name", "module-does-not-import", "class-is-not-a-connector"}
 
 
-def descendants_started_after(start: float) -> list[str]:
-    """pdcheck or vLLM processes started during the test (they would be leftovers)."""
-    me = os.getpid()
+def tagged_processes(tag: str) -> list[str]:
+    """Processes still running with this test's tag in their environment (the CLI passes its
+    environment to everything it starts), so other tests' processes never count."""
     found = []
-    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.info["pid"] != me and p.info["create_time"] >= start - 1 and ("pdcheck" in cmd or "forkserver" in cmd):
-            found.append(f"{p.info['pid']}: {cmd[:120]}")
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.environ().get("PDCHECK_TEST_TAG") == tag:
+                found.append(f"{p.info['pid']}: {' '.join(p.info['cmdline'] or [])[:120]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
     return found
 
 
@@ -48,15 +50,15 @@ def test_bad_input_gives_one_line_error_and_exit_2(case, tmp_path):
     if case in NEEDS_VLLM and not has_vllm():
         pytest.skip("vLLM is not installed")
     args, message = CASES[case]
-    start = time.time()
+    tag = uuid.uuid4().hex
     proc = subprocess.run(
         [sys.executable, "-m", "pdcheck.cli", "run", *BASE, *args, "--runs-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PDCHECK_TEST_TAG=tag),
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("pdcheck: error:")]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-    assert descendants_started_after(start) == []
+    assert tagged_processes(tag) == []
 
 
 def has_vllm() -> bool:
