@@ -104,6 +104,38 @@ def plain_socket_transfer(payload: memoryview) -> float:
     return elapsed
 
 
+def zmq_transfer(payload: memoryview) -> float:
+    """Seconds for bare ZMQ (DEALER asks, ROUTER answers with the payload, zero-copy): the
+    ceiling for any connector that moves KV as ZMQ messages."""
+    import threading
+
+    import zmq
+
+    server_context, client_context = zmq.Context(), zmq.Context()
+    router, dealer = server_context.socket(zmq.ROUTER), client_context.socket(zmq.DEALER)
+    try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+
+        def serve():
+            identity, _ = router.recv_multipart()
+            router.send_multipart([identity, b"", payload], copy=False)
+
+        server = threading.Thread(target=serve)
+        server.start()
+        started = time.monotonic()
+        dealer.send(b"pull")
+        dealer.recv_multipart(copy=False)
+        elapsed = time.monotonic() - started
+        server.join()
+        return elapsed
+    finally:
+        router.close(0)
+        dealer.close(0)
+        server_context.term()
+        client_context.term()
+
+
 def connector_transfer(tensor) -> float:
     """Seconds for the reference connector's TCP plane to serve one pull of `tensor`."""
     import zmq
@@ -112,11 +144,12 @@ def connector_transfer(tensor) -> float:
     from pdcheck.connector.buffers import Inbox, Outbox
     from pdcheck.connector.tcp import KVClient, KVServer, to_frame
 
-    context = zmq.Context()
+    # two contexts, as prefill and decode have: each side gets its own ZMQ I/O thread
+    server_context, client_context = zmq.Context(), zmq.Context()
     address = f"127.0.0.1:{free_port()}"
     outbox = Outbox(hold_s=60)
-    server = KVServer(context, address, outbox, Inbox(0, 0)).start()
-    client = KVClient(context)
+    server = KVServer(server_context, address, outbox, Inbox(0, 0)).start()
+    client = KVClient(client_context)
     try:
         outbox.put("bench", "bench", to_frame("bench", tensor))  # made at save time, as in the connector
         started = time.monotonic()
@@ -125,7 +158,8 @@ def connector_transfer(tensor) -> float:
     finally:
         client.close()
         server.stop()
-        context.term()
+        server_context.term()
+        client_context.term()
 
 
 def bench_tcp(args, stack: ExitStack, console: Console) -> int:
@@ -135,12 +169,15 @@ def bench_tcp(args, stack: ExitStack, console: Console) -> int:
     payload = memoryview(tensor.numpy()).cast("B")
     size_gib = len(payload) / 2**30
     plain = [plain_socket_transfer(payload) for _ in range(args.repeat)]
+    bare = [zmq_transfer(payload) for _ in range(args.repeat)]
     ours = [connector_transfer(tensor) for _ in range(args.repeat)]
     table = Table(title=f"pdcheck bench tcp ({args.mib} MiB per transfer, median of {args.repeat}, loopback)")
     for column in ("path", "median s", "GiB/s", "x plain socket"):
         table.add_column(column, justify="left" if column == "path" else "right")
     base = statistics.median(plain)
-    for name, times in (("plain socket (baseline)", plain), ("connector pull (ZMQ, checksummed)", ours)):
+    rows = (("plain socket (baseline)", plain), ("bare ZMQ request/reply", bare),
+            ("connector pull (ZMQ, checksummed)", ours))
+    for name, times in rows:
         median = statistics.median(times)
         table.add_row(name, f"{median:.4f}", f"{size_gib / median:.2f}", f"{base / median:.2f}")
     Console().print(table)
