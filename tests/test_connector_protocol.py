@@ -108,3 +108,36 @@ def test_silent_peer_times_out_within_the_deadline():
 def test_decode_of_an_error_reply_round_trips():
     reply = protocol.decode(protocol.encode(ErrorReply(transfer_key=None, message="x")))
     assert reply == ErrorReply(transfer_key=None, message="x")
+
+
+def worker_half(mode: str = "get"):
+    from pdcheck.connector.config import P2PConfig
+    from pdcheck.connector.worker import WorkerHalf
+
+    return WorkerHalf(P2PConfig.from_extra({"port": free_port(), "mode": mode, "deadline_s": 2}))
+
+
+def test_worker_halves_move_a_request_and_refuse_kv_that_does_not_fit():
+    """GET between two worker halves on paged caches; then KV of another shape is a load error."""
+    from pdcheck.connector.worker import LoadEntry, SaveEntry
+
+    prefill, decode = worker_half(), worker_half()
+    try:
+        src = {f"layer{i}": torch.randn(6, 2, 4, 8) for i in range(2)}  # BLOCKS_FIRST [B, H, N, C]
+        dst = {name: torch.zeros_like(t) for name, t in src.items()}
+        for name, cache in src.items():
+            prefill.record_layer(name, cache)
+        prefill.save([SaveEntry("req", "key", [1, 4])])
+        decode.load([LoadEntry("req", "key", [0, 5], prefill.config.address)], dst)
+        assert decode.take_load_errors() == set()
+        for name in src:
+            assert torch.equal(dst[name][0], src[name][1]) and torch.equal(dst[name][5], src[name][4])
+        assert prefill.finished({"req"}) == {"req"}
+        narrow = {name: torch.zeros(6, 2, 4, 4) for name in src}  # another head size
+        prefill.save([SaveEntry("req2", "key2", [2])])
+        decode.load([LoadEntry("req2", "key2", [3], prefill.config.address)], narrow)
+        assert decode.take_load_errors() == {3}
+        assert not narrow["layer0"].any()
+    finally:
+        prefill.close()
+        decode.close()

@@ -51,6 +51,18 @@ class TransferStats(msgspec.Struct):
     seconds: float
 
 
+def check_fits(entry: LoadEntry, data: torch.Tensor, layers: dict[str, torch.Tensor], layout) -> None:
+    """Refuse KV that does not fit this cache (other model, dtype, block size or layout), so
+    it fails as a load error instead of being written in."""
+    cache = layers[min(layers)]
+    block = list(extract(cache, layout, [0]).shape[1:])
+    need = [len(layers), len(entry.block_ids), *block]
+    got = list(data.shape)
+    if data.dtype != cache.dtype or got[:1] + got[2:] != need[:1] + need[2:] or got[1] < need[1]:
+        raise ProtocolError(f"{entry.transfer_key}: peer sent {got} {data.dtype}, this cache needs "
+                            f"{need} {cache.dtype} (layers, blocks, one block)")
+
+
 class WorkerHalf:
     def __init__(self, config: P2PConfig):
         self.config = config
@@ -108,9 +120,7 @@ class WorkerHalf:
             started = time.monotonic()
             try:
                 data = self.fetch(entry)
-                if data.shape[0] != len(layers) or data.shape[1] < len(entry.block_ids):
-                    raise ProtocolError(f"{entry.transfer_key}: got {list(data.shape[:2])} layers x blocks, "
-                                        f"need {len(layers)} x {len(entry.block_ids)}")
+                check_fits(entry, data, layers, self.config.layout)
                 for i, name in enumerate(sorted(layers)):
                     inject(layers[name], self.config.layout, entry.block_ids, data[i, : len(entry.block_ids)])
                 self.record_stats(entry.request_id, "recv", data, len(entry.block_ids), started)
