@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -82,8 +83,10 @@ class KVServer:
         self.socket.close()
 
     def answer(self, frames) -> list:
+        key = None
         try:
             message = decode(frames[0].bytes)
+            key = message.blocks.transfer_key if isinstance(message, Push) else getattr(message, "transfer_key", None)
             if isinstance(message, Pull):
                 return self.serve_pull(message)
             if isinstance(message, Push) and len(frames) == 2:
@@ -92,7 +95,7 @@ class KVServer:
             raise ProtocolError(f"unexpected {type(message).__name__} with {len(frames) - 1} data frames")
         except (ProtocolError, BufferError) as e:
             log.warning("refused a peer's message: %s", e)
-            return [encode(ErrorReply(transfer_key=None, message=str(e)))]
+            return [encode(ErrorReply(transfer_key=key, message=str(e)))]
 
     def serve_pull(self, pull: Pull) -> list:
         frame = self.outbox.take(pull.transfer_key)
@@ -113,27 +116,33 @@ class KVClient:
         self.context = context
         self.sockets: dict[str, zmq.Socket] = {}
 
-    def request(self, address: str, frames: list, deadline_s: float) -> list:
+    def request(self, address: str, frames: list, deadline_s: float, key: str | None = None) -> list:
+        """Send one request and return its reply. Replies about another transfer key (late or
+        duplicated answers to earlier requests) are skipped, never taken as this one's."""
         socket = self.sockets.get(address) or self.connect(address)
         socket.send_multipart(frames, copy=False)
-        if not socket.poll(int(deadline_s * 1000)):
-            self.drop(address)  # a late reply must not be read as the next request's
-            raise TimeoutError(f"no reply from {address} within {deadline_s}s")
-        reply = socket.recv_multipart(copy=False)
-        message = decode(reply[0].bytes)
-        if isinstance(message, ErrorReply):
-            raise ProtocolError(f"{address} refused: {message.message}")
-        return [message, *reply[1:]]
+        end = time.monotonic() + deadline_s
+        while socket.poll(max(0, int((end - time.monotonic()) * 1000))):
+            reply = socket.recv_multipart(copy=False)
+            message = decode(reply[0].bytes)
+            if key is not None and getattr(message, "transfer_key", None) not in (None, key):
+                log.warning("skipped a stale reply about %s while waiting for %s", message.transfer_key, key)
+                continue
+            if isinstance(message, ErrorReply):
+                raise ProtocolError(f"{address} refused: {message.message}")
+            return [message, *reply[1:]]
+        self.drop(address)  # a late reply must not be read as the next request's
+        raise TimeoutError(f"no reply from {address} within {deadline_s}s")
 
     def pull(self, address: str, key: str, deadline_s: float) -> torch.Tensor:
-        header, *data = self.request(address, [encode(Pull(key))], deadline_s)
+        header, *data = self.request(address, [encode(Pull(key))], deadline_s, key)
         if not isinstance(header, Blocks) or len(data) != 1 or header.transfer_key != key:
             raise ProtocolError(f"{address} answered a pull of {key} with {type(header).__name__}")
         return from_frame(header, data[0])
 
     def push(self, address: str, key: str, tensor: torch.Tensor, deadline_s: float) -> None:
         header, data = to_frame(key, tensor)
-        (reply,) = self.request(address, [encode(Push(header)), data], deadline_s)
+        (reply,) = self.request(address, [encode(Push(header)), data], deadline_s, key)
         if not isinstance(reply, Ack) or reply.transfer_key != key:
             raise ProtocolError(f"{address} answered a push of {key} with {reply}")
 

@@ -64,13 +64,15 @@ def check_fits(entry: LoadEntry, data: torch.Tensor, layers: dict[str, torch.Ten
 
 
 class WorkerHalf:
-    def __init__(self, config: P2PConfig):
+    def __init__(self, config: P2PConfig, client_factory=KVClient):
+        """`client_factory(context)` makes this half's clients: the seam where faults enter."""
         self.config = config
         self.context = zmq.Context()
         self.outbox = Outbox(config.hold_s)
         self.inbox = Inbox(config.buffer_bytes, config.spill_bytes)
         self.server = KVServer(self.context, config.address, self.outbox, self.inbox).start()
-        self.client = KVClient(self.context)
+        self.client_factory = client_factory
+        self.client = client_factory(self.context)
         self.layers: dict[str, torch.Tensor] = {}
         self.load_errors: set[int] = set()
         self.sent: set[str] = set()
@@ -109,7 +111,7 @@ class WorkerHalf:
             self.sent.add(entry.request_id)
 
     def send_loop(self) -> None:
-        self.sender_client = KVClient(self.context)
+        self.sender_client = self.client_factory(self.context)
         while (item := self.sends.get()) is not None:
             self.push(*item)
         self.sender_client.close()

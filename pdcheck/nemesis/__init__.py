@@ -1,0 +1,1 @@
+"""Faults as inject/heal pairs, entering only at seams (transports, routing, processes)."""
