@@ -73,9 +73,16 @@ class ConnectorSpec:
         return str(Path(module).resolve().parent) if module.endswith(".py") else None
 
     def kv_transfer_config(self, run_dir: Path, port: int) -> dict[str, Any]:
-        """vLLM's kv_transfer_config, with `{run_dir}` and this instance's `{port}` filled in."""
+        """vLLM's kv_transfer_config, with `{run_dir}` and this instance's `{port}` filled in.
+
+        `kv_load_failure_policy` ("fail" or "recompute"), if given among the connector's
+        settings, is vLLM's own setting for loads that fail, and is passed to vLLM as such.
+        """
         extra = {k: v.format(run_dir=run_dir, port=port) if isinstance(v, str) else v for k, v in self.extra_config}
+        policy = extra.pop("kv_load_failure_policy", None)
         config = {"kv_connector": self.class_name, "kv_role": "kv_both", "kv_connector_extra_config": extra}
+        if policy is not None:
+            config["kv_load_failure_policy"] = policy
         if self.module_path:
             config["kv_connector_module_path"] = self.module_path
         return config
