@@ -160,6 +160,7 @@ class EngineSpec:
     max_model_len: int = 256
     connector: ConnectorSpec | None = None
     prefix_caching: bool = False
+    num_blocks: int | None = None  # a small KV pool forces preemption and quick block reuse
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -168,6 +169,8 @@ class EngineSpec:
             raise BadInput(f"block_size {self.block_size}: must be a positive multiple of 32 on CPU")
         if self.max_model_len < self.block_size:
             raise BadInput(f"max_model_len {self.max_model_len}: must be at least block_size")
+        if self.num_blocks is not None and self.num_blocks * self.block_size < self.max_model_len:
+            raise BadInput(f"num_blocks {self.num_blocks}: too few to hold one request of max_model_len tokens")
 
     @property
     def label(self) -> str:

@@ -104,6 +104,7 @@ def build_engine(spec: EngineSpec, run_dir: Path, port: int):
         model=str(spec.model), skip_tokenizer_init=True, dtype=spec.dtype, max_model_len=spec.max_model_len,
         block_size=spec.block_size, enforce_eager=True, distributed_executor_backend="uni", seed=0,
         enable_prefix_caching=spec.prefix_caching, kv_transfer_config=kv_config, max_num_seqs=64,
+        num_gpu_blocks_override=spec.num_blocks,
     )
     return LLMEngine.from_engine_args(args)
 

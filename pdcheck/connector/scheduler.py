@@ -59,7 +59,7 @@ class SchedulerHalf:
         first, end = local // self.block_size, math.ceil((local + num_external_tokens) / self.block_size)
         self.loads[request.request_id] = LoadEntry(
             request_id=request.request_id, transfer_key=params["transfer_key"],
-            block_ids=block_ids[first:end], remote=params["remote_prefill"],
+            block_ids=block_ids[first:end], remote=params["remote_prefill"], first_block=first,
         )
 
     def build_connector_meta(self, scheduler_output) -> tuple[list[SaveEntry], list[LoadEntry]]:

@@ -37,10 +37,14 @@ class SaveEntry(msgspec.Struct, frozen=True):
 
 
 class LoadEntry(msgspec.Struct, frozen=True):
+    """Load the prompt's blocks first_block.. (those before are local prefix-cache hits) into
+    `block_ids`."""
+
     request_id: str
     transfer_key: str
     block_ids: list[int]
     remote: str  # prefill's address
+    first_block: int = 0
 
 
 class TransferStats(msgspec.Struct):
@@ -56,7 +60,7 @@ def check_fits(entry: LoadEntry, data: torch.Tensor, layers: dict[str, torch.Ten
     it fails as a load error instead of being written in."""
     cache = layers[min(layers)]
     block = list(extract(cache, layout, [0]).shape[1:])
-    need = [len(layers), len(entry.block_ids), *block]
+    need = [len(layers), entry.first_block + len(entry.block_ids), *block]
     got = list(data.shape)
     if data.dtype != cache.dtype or got[:1] + got[2:] != need[:1] + need[2:] or got[1] < need[1]:
         raise ProtocolError(f"{entry.transfer_key}: peer sent {got} {data.dtype}, this cache needs "
@@ -124,7 +128,8 @@ class WorkerHalf:
                 data = self.fetch(entry)
                 check_fits(entry, data, layers, self.config.layout)
                 for i, name in enumerate(sorted(layers)):
-                    inject(layers[name], self.config.layout, entry.block_ids, data[i, : len(entry.block_ids)])
+                    blocks = data[i, entry.first_block : entry.first_block + len(entry.block_ids)]
+                    inject(layers[name], self.config.layout, entry.block_ids, blocks)
                 self.record_stats(entry.request_id, "recv", data, len(entry.block_ids), started)
             except (TimeoutError, ProtocolError) as e:
                 log.error("load of %s failed: %s", entry.transfer_key, e)

@@ -37,3 +37,10 @@ def boundary_workload(spec, seed: int = 0, max_tokens: int = 16) -> list[GenRequ
     """The block-boundary workload for an EngineSpec's model, block size and model length."""
     vocab = json.loads((spec.model / "config.json").read_text())["vocab_size"]
     return boundary_requests(seed, spec.block_size, spec.max_model_len, max_tokens, vocab)
+
+
+def repeated_requests(seed: int, prompt_len: int, repeats: int, max_tokens: int, vocab_size: int) -> list[GenRequest]:
+    """The same prompt `repeats` times under distinct request ids (vLLM #22965's trigger)."""
+    rng = random.Random(seed)
+    prompt = [rng.randrange(FIRST_ORDINARY_TOKEN, vocab_size) for _ in range(prompt_len)]
+    return [GenRequest(request_id=f"rep{i}-len{prompt_len}", prompt=prompt, max_tokens=max_tokens) for i in range(repeats)]
