@@ -23,7 +23,7 @@ from pdcheck.connector.config import P2PConfig  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
 from pdcheck.nemesis.transport import Fault, FaultyClient  # noqa: E402
 
-DEADLINE_S = 0.3
+DEADLINE_S = 0.15
 BLOCKS_PER_REQUEST = 2
 
 
@@ -69,7 +69,7 @@ def run(mode: str, faults: list[Fault], seed: int) -> list[str]:
     return problems
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mode=st.sampled_from(["get", "put", "put_async"]),
        faults=st.lists(st.sampled_from(list(Fault)), min_size=1, max_size=4), seed=st.integers(0, 1000))
 def test_wire_faults_end_each_request_exact_or_as_a_clean_load_error(mode, faults, seed):
