@@ -56,9 +56,12 @@ class Deployment:
         return self
 
     def wait_ready(self) -> Deployment:
+        """Wait for every instance, connector instances first: a connector that cannot load
+        fails before its engine is built, so bad input is reported without waiting for the rest."""
         try:
-            for instance in self.instances:
-                instance.wait_ready()
+            for instance in [*self.prefills, *self.decodes, *self.instances]:
+                if instance.start_s is None:
+                    instance.wait_ready()
         except BaseException:
             self.close()
             raise

@@ -31,13 +31,16 @@ class P2PMetadata(KVConnectorMetadata):
 
 
 class P2PConnector(KVConnectorBase_V1):
+    scheduler_class = SchedulerHalf  # variants (pdcheck.mutants) swap a half here
+    worker_class = WorkerHalf
+
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         config = P2PConfig.from_extra(dict(self._kv_transfer_config.kv_connector_extra_config))
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = SchedulerHalf(config, vllm_config.cache_config.block_size)
+            self.scheduler = self.scheduler_class(config, vllm_config.cache_config.block_size)
         else:
-            self.worker = WorkerHalf(config)
+            self.worker = self.worker_class(config)
 
     # -- scheduler side --------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):

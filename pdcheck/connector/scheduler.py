@@ -42,13 +42,22 @@ class SchedulerHalf:
         params = request.kv_transfer_params or {}
         prompt_len = len(request.prompt_token_ids or [])
         if params.get("do_remote_decode") and request.request_id not in self.saves:
-            key = params.get("transfer_key") or uuid.uuid4().hex
+            key = self.new_transfer_key(request)
             self.saves[request.request_id] = PendingSave(key, prompt_len, params.get("remote_decode"))
         if not params.get("do_remote_prefill"):
             return 0, False
         self.local_hits[request.request_id] = num_computed_tokens
         # decode computes the last prompt token itself, so it has logits to sample from
         return max(0, prompt_len - 1 - num_computed_tokens), False
+
+    def new_transfer_key(self, request) -> str:
+        """A key for a prefill request's KV: the caller's, or a fresh uuid (never an id local to
+        this engine, which vLLM randomizes per instance)."""
+        return (request.kv_transfer_params or {}).get("transfer_key") or uuid.uuid4().hex
+
+    def load_key(self, request) -> str:
+        """The key decode loads by: the one prefill returned in the transfer parameters."""
+        return request.kv_transfer_params["transfer_key"]
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         local = self.local_hits.pop(request.request_id, 0)
@@ -58,7 +67,7 @@ class SchedulerHalf:
         block_ids = list(blocks.get_block_ids()[0])
         first, end = local // self.block_size, math.ceil((local + num_external_tokens) / self.block_size)
         self.loads[request.request_id] = LoadEntry(
-            request_id=request.request_id, transfer_key=params["transfer_key"],
+            request_id=request.request_id, transfer_key=self.load_key(request),
             block_ids=block_ids[first:end], remote=params["remote_prefill"], first_block=first,
         )
 

@@ -132,8 +132,12 @@ class WorkerHalf:
                     inject(layers[name], self.config.layout, entry.block_ids, blocks)
                 self.record_stats(entry.request_id, "recv", data, len(entry.block_ids), started)
             except (TimeoutError, ProtocolError) as e:
-                log.error("load of %s failed: %s", entry.transfer_key, e)
-                self.load_errors.update(entry.block_ids)
+                self.load_failed(entry, e)
+
+    def load_failed(self, entry: LoadEntry, error: Exception) -> None:
+        """Report the blocks, so vLLM fails or recomputes the request: never decode on them."""
+        log.error("load of %s failed: %s", entry.transfer_key, error)
+        self.load_errors.update(entry.block_ids)
 
     def fetch(self, entry: LoadEntry) -> torch.Tensor:
         if self.config.mode is Mode.GET:
