@@ -4,15 +4,28 @@
 #      not importable already, and puts them and the repository on PYTHONPATH;
 #   2. runs the tests marked gpu or multi_gpu in tests/ and suites/ (those needing vLLM, or more
 #      GPUs than the machine has, skip with their reason);
-#   3. runs the NCCL benchmark (python -m pdcheck.bench_nccl) when there are 2 GPUs.
+#   3. runs the NCCL benchmark (python -m pdcheck.bench_nccl) when there are 2 GPUs;
+#   4. with PDCHECK_SANITIZER=memcheck,racecheck,synccheck (any of them), reruns reference-connector
+#      tests ($PDCHECK_SANITIZER_TESTS, one short race by default; never the mutants) under
+#      `compute-sanitizer --tool T --target-processes all --error-exitcode 1`, the tools side by
+#      side, each within $PDCHECK_SANITIZER_TIMEOUT s. Host API error codes are not reported
+#      (NCCL and torch probe the driver), and racecheck skips the kernels named by
+#      $PDCHECK_RACECHECK_EXCLUDE (default kns=ncclDevKernel: NCCL 2.28.9's own SendRecv kernel
+#      reports shared-memory hazards in NCCL code, not ours; set it empty to check them too). Any
+#      other report, a missing summary or a test that does not pass fails the tier. Report counts
+#      go to the summary, the logs to sanitizer.log.
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0). Logs, gpu-junit.xml, bench.json and
-# summary.txt go to $OUT when it is set, else to runs/gpu-tier. Exits non-zero on any failure.
+# summary.txt (and sanitizer.log) go to $OUT when it is set, else to runs/gpu-tier. Exits non-zero
+# on any failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 PY=${PYTHON:-python3}
 out=${OUT:-runs/gpu-tier}
+reference_race=tests/test_stream_races.py::test_reference_connector_verifies_every_transfer_under_stream_races
+SANITIZER_TESTS=${PDCHECK_SANITIZER_TESTS:-"$reference_race[compute_stall]"}
+RACECHECK_EXCLUDE=${PDCHECK_RACECHECK_EXCLUDE-kns=ncclDevKernel}
 mkdir -p "$out" runs
 
 install_wheels() {
@@ -45,6 +58,78 @@ print(f"{n['tests'] - n['failures'] - n['errors'] - n['skipped']} passed, {n['fa
 EOF
 }
 
+race_lines() {  # what tests/test_stream_races.py recorded: requests verified, mutants caught
+    "$PY" - "$1" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    sys.exit()
+for prop in root.iter("property"):
+    if prop.get("name") in ("verified", "caught"):
+        print(f"stream races: {prop.get('name')}: {prop.get('value')}")
+EOF
+}
+
+find_sanitizer() {
+    command -v compute-sanitizer && return 0
+    local found
+    for found in /usr/local/cuda*/bin/compute-sanitizer; do
+        [ -x "$found" ] && { echo "$found"; return 0; }
+    done
+    return 1
+}
+
+exclusion() {  # $1: tool; the sanitizer's option that skips kernels, where this tool skips some
+    [ "$1" = racecheck ] && [ -n "$RACECHECK_EXCLUDE" ] || return 0
+    local help
+    help=$("$sanitizer" --help 2>&1)  # not piped into grep -q: under pipefail its early exit fails the test
+    if [[ $help == *--kernel-name-exclude* ]]; then
+        echo "--kernel-name-exclude $RACECHECK_EXCLUDE"
+    else
+        echo "--exclude $RACECHECK_EXCLUDE"
+    fi
+}
+
+sanitize() {  # $1: tool; the reference tests under it, logged to runs/sanitizer-$1.log
+    set -f  # test ids hold brackets; this runs in its own subshell
+    # shellcheck disable=SC2046,SC2086
+    timeout -k 10 "${PDCHECK_SANITIZER_TIMEOUT:-150}" "$sanitizer" --tool "$1" --target-processes all \
+        --error-exitcode 1 --report-api-errors no $(exclusion "$1") "$PY" -m pytest -p no:cacheprovider $(plugin_args) \
+        -o timeout=0 -q -rs --basetemp="runs/pytest-$1" $SANITIZER_TESTS >"runs/sanitizer-$1.log" 2>&1
+}
+
+sanitizer_line() {  # $1: tool, $2: its exit code, $3: its exclusion; prints its line, fails on any report
+    local log="runs/sanitizer-$1.log" reports hazards summaries result
+    reports=$(grep -oE 'ERROR SUMMARY: [0-9]+' "$log" | awk '{s += $3} END {print s + 0}')
+    hazards=$(grep -oE 'RACECHECK SUMMARY: [0-9]+' "$log" | awk '{s += $3} END {print s + 0}')
+    summaries=$(grep -cE '(ERROR|RACECHECK) SUMMARY' "$log")
+    result=$(grep -E '[0-9]+ (passed|failed|skipped|errors?).* in [0-9.]+s' "$log" | grep -v SUMMARY | tail -1)
+    echo "sanitizer $1: $reports report(s), $hazards racecheck hazard(s), $summaries process summaries," \
+        "exit $2, pytest: ${result:-no result}${3:+, kernels skipped: $3}"
+    [ "$2" -eq 0 ] && [ "$reports" -eq 0 ] && [ "$hazards" -eq 0 ] && [ "$summaries" -gt 0 ] \
+        && [[ $result == *passed* && $result != *failed* && $result != *error* && $result != *skipped* ]]
+}
+
+sanitizer_step() {  # the tools of $PDCHECK_SANITIZER side by side; their lines to runs/sanitizer.txt
+    local tool pids=() rc=0 entry status
+    : >runs/sanitizer.txt
+    : >"$out/sanitizer.log"
+    for tool in ${PDCHECK_SANITIZER//,/ }; do
+        case $tool in
+            memcheck | racecheck | synccheck | initcheck) sanitize "$tool" & pids+=("$!:$tool") ;;
+            *) echo "sanitizer $tool: unknown tool" >>runs/sanitizer.txt; rc=1 ;;
+        esac
+    done
+    for entry in "${pids[@]}"; do
+        wait "${entry%%:*}"
+        status=$?
+        sanitizer_line "${entry#*:}" "$status" "$(exclusion "${entry#*:}")" >>runs/sanitizer.txt || rc=1
+        { echo "=== ${entry#*:}"; head -c 4000000 "runs/sanitizer-${entry#*:}.log"; } >>"$out/sanitizer.log"
+    done
+    return $rc
+}
+
 install_wheels || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
@@ -67,10 +152,28 @@ else
     echo "gpu_tier: bench skipped: needs 2 CUDA GPUs, found $gpus" | tee "$out/bench.log"
 fi
 
+sanitizer_rc=0
+if [ -n "${PDCHECK_SANITIZER:-}" ]; then
+    if [ "$gpus" -lt 2 ]; then
+        echo "sanitizer skipped: the reference tests need 2 CUDA GPUs, found $gpus" >runs/sanitizer.txt
+    elif ! sanitizer=$(find_sanitizer); then
+        echo "sanitizer: compute-sanitizer not found on PATH or in /usr/local/cuda*/bin" >runs/sanitizer.txt
+        sanitizer_rc=1
+    else
+        echo "gpu_tier: $sanitizer ($PDCHECK_SANITIZER) on $SANITIZER_TESTS"
+        sanitizer_step || sanitizer_rc=1
+    fi
+fi
+
 {
     echo "GPU tier on $gpus GPU(s)"
     echo "tests: exit $tests_rc: $(junit_counts "$out/gpu-junit.xml")"
+    race_lines "$out/gpu-junit.xml"
+    if [ -n "${PDCHECK_SANITIZER:-}" ]; then
+        echo "sanitizer (exit $sanitizer_rc) on $SANITIZER_TESTS:"
+        cat runs/sanitizer.txt
+    fi
     echo "bench: exit $bench_rc"
     grep -A10 "^NCCL plane" "$out/bench.log" || true
 } | tee "$out/summary.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$sanitizer_rc" -eq 0 ]

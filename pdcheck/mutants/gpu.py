@@ -1,0 +1,75 @@
+"""GPU mutants of the NCCL plane: `NcclPeer`s that are wrong on purpose, each a few lines away
+from the reference, so the stream-race suite (tests/test_stream_races.py) can prove that the
+per-block checksums catch the stream bugs of BUGS.md.
+
+- RecvOnOtherStream ("garbled output, CUDA streams", vLLM #20263): the receive buffer is
+  allocated on the caller's current stream (the default stream in a fresh thread), not on the
+  receive stream, with no record_stream and no wait, while ncclRecv writes it on the receive
+  stream. The caching allocator may hand out memory whose queued default-stream kernels still
+  write it, after the data has landed.
+- SendBeforeKVWrite ("send before the layer's KV is written", vLLM #26205): the data send does
+  not wait for the compute-stream event recorded after the KV write. Checksums made beside the
+  send still do (`checksums_beside` orders them after that event), so the receiver's recomputed
+  checksums differ from the sent ones. A sender whose checksums were also unordered would
+  checksum the same stale bytes: only a comparison with the expected content would see that.
+
+Each mutant subclasses NcclPeer and overrides one method. `over(peer)` gives a mutant view of
+an existing peer (same communicator, streams and state; the peer's owner still closes it), so a
+scenario run by `bench_nccl.run_pair` can swap the behaviour in; constructing one directly
+works like NcclPeer. Never ship these: they exist to be caught.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pdcheck.connector.nccl import LayerSpec, NcclPeer, Transfer, check_tensors, checked_sums, recorded, request_buffer
+
+
+class MutantPeer(NcclPeer):
+    """Base of the mutants: a view of an NcclPeer with one method changed."""
+
+    @classmethod
+    def over(cls, peer: NcclPeer) -> MutantPeer:
+        mutant = object.__new__(cls)
+        mutant.__dict__ = peer.__dict__  # shared, not copied: closing either closes both
+        return mutant
+
+
+class RecvOnOtherStream(MutantPeer):
+    """recv_blocks with the buffer allocated on the caller's current stream (#20263)."""
+
+    def recv_blocks(self, specs: list[LayerSpec], *, verify: bool = True, block_ids=None) -> Transfer:
+        deadline_at = time.monotonic() + self.deadline_s
+        base, tensors = request_buffer(specs, self.device)  # BUG: not under torch.cuda.stream(self.recv_stream)
+        with self.group(deadline_at):
+            self.post("ncclRecv", tensors, self.recv_stream)
+        if not verify:
+            return Transfer(self, tensors, recorded(self.recv_stream), base)
+        check = self.post_check(base, tensors, deadline_at, block_ids)
+        return Transfer(self, tensors, recorded(self.sum_stream), base, check)
+
+
+class SendBeforeKVWrite(MutantPeer):
+    """send_blocks whose data send does not wait for `after` (#26205); checksums made beside it do."""
+
+    def send_blocks(self, tensors: list[torch.Tensor], after: torch.cuda.Event, *,
+                    checksums: torch.Tensor | None = None, verify: bool = True) -> Transfer:
+        check_tensors(tensors, self.device)
+        deadline_at = time.monotonic() + self.deadline_s
+        # BUG: the reference's `self.send_stream.wait_event(after)` is missing here
+        with self.group(deadline_at):
+            for t in tensors:
+                t.record_stream(self.send_stream)
+            self.post("ncclSend", tensors, self.send_stream)
+        if verify:
+            sums = self.checksums_beside(tensors, after) if checksums is None else checked_sums(checksums, tensors)
+            sums.record_stream(self.send_stream)
+            with self.group(deadline_at):
+                self.post("ncclSend", [sums], self.send_stream)
+        return Transfer(self, list(tensors), recorded(self.send_stream))
+
+
+MUTANTS: dict[str, type[MutantPeer]] = {cls.__name__: cls for cls in (RecvOnOtherStream, SendBeforeKVWrite)}
