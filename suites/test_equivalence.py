@@ -39,11 +39,14 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("equivalence_case", cases, ids=ids)
 
 
-def checked_workload(pd_pool, pd_history, spec: EngineSpec):
+def checked_workload(pd_pool, pd_history, spec: EngineSpec, specs: list[EngineSpec]):
+    """The workload's verdicts for `spec`, run once; the next spec's deployment starts meanwhile."""
     from pdcheck.workload.boundary import boundary_workload
 
     def run():
         deployment, oracle = pd_pool.get(spec)
+        if specs.index(spec) + 1 < len(specs):
+            pd_pool.prefetch(specs[specs.index(spec) + 1])
         calibration, checked = check(deployment, boundary_workload(spec, SEED, MAX_TOKENS), pd_history, oracle)
         return {c.prompt_len: c for c in checked}
 
@@ -51,9 +54,9 @@ def checked_workload(pd_pool, pd_history, spec: EngineSpec):
 
 
 @pytest.mark.vllm
-def test_pd_matches_oracle_at_block_boundaries(equivalence_case, pd_pool, pd_history):
+def test_pd_matches_oracle_at_block_boundaries(equivalence_case, pd_pool, pd_history, pytestconfig):
     spec, prompt_len = equivalence_case
-    checked = checked_workload(pd_pool, pd_history, spec)[prompt_len]
+    checked = checked_workload(pd_pool, pd_history, spec, engine_specs(pytestconfig))[prompt_len]
     lengths = boundary_lengths(spec.block_size, spec.max_model_len - MAX_TOKENS)
     replay = replay_command(spec, SEED, MAX_TOKENS, lengths[: lengths.index(prompt_len) + 1])
     if checked.known_defect and checked.counted == "known":

@@ -7,10 +7,12 @@ misses one is killed and its requests come back as hung. `close` always leaves n
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -64,18 +66,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_engine_server() -> None:
-    """Stop the forkserver now rather than whenever it notices its owner is gone.
+def stop_engine_server(timeout_s: float = 10.0) -> None:
+    """Stop the forkserver now, and for certain: ask it (close its "alive" pipe), then kill it
+    if it has not gone within the timeout.
 
-    multiprocessing has no public call for this; `_stop` closes its pipe and waits for it
-    (present from Python 3.8 to 3.13).
+    multiprocessing has no public call for this; its private `_stop` waits with no deadline.
+    The fields used here exist from Python 3.8 to 3.13.
     """
     global _context
-    if _context is not None:
-        from multiprocessing import forkserver
+    if _context is None:
+        return
+    from multiprocessing import forkserver, util
 
-        forkserver._forkserver._stop()
-        _context = None
+    server = forkserver._forkserver
+    with server._lock:
+        pid = server._forkserver_pid
+        if pid is not None:
+            os.close(server._forkserver_alive_fd)
+            if not wait_for_exit(pid, timeout_s):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            if not util.is_abstract_socket_namespace(server._forkserver_address):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(server._forkserver_address)
+            server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    _context = None
+
+
+def wait_for_exit(pid: int, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 ENGINE_ENV = {

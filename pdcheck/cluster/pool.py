@@ -22,6 +22,7 @@ class DeploymentPool:
         self.run_dir, self.max_alive = run_dir, max_alive
         self.alive: OrderedDict[tuple, tuple[Deployment, Oracle]] = OrderedDict()
         self.oracles: dict[EngineSpec, Oracle] = {}
+        self.starting: dict[tuple, tuple[Deployment, Oracle]] = {}  # prefetched, not yet waited for
         self.memo: dict[tuple, object] = {}
         self.count = 0
 
@@ -31,20 +32,30 @@ class DeploymentPool:
         if key in self.alive:
             self.alive.move_to_end(key)
             return self.alive[key]
-        while len(self.alive) >= self.max_alive:
+        while len(self.alive) >= self.max_alive:  # before taking a prefetched one: it keeps its oracle
             _, (old, _) = self.alive.popitem(last=False)
             old.close()
             self.close_unused_oracles()
-        self.count += 1
-        name = f"{self.count}-{spec.model.name}-{spec.dtype}"
-        oracle = self.oracle_for(spec.without_connector())
-        deployment = Deployment(spec, self.run_dir, name, decode_spec, num_prefill, num_decode, oracle=oracle.instance)
-        deployment.start()
+        deployment, oracle = self.starting.pop(key, None) or self.launch(*key)
         if oracle.instance.start_s is None:
             oracle.instance.wait_ready()
         deployment.wait_ready()
         self.alive[key] = (deployment, oracle)
         return self.alive[key]
+
+    def prefetch(self, spec: EngineSpec, decode_spec: EngineSpec | None = None, num_prefill: int = 1,
+                 num_decode: int = 1) -> None:
+        """Start a deployment a coming test will ask for, so its start overlaps this test's work."""
+        key = (spec, decode_spec, num_prefill, num_decode)
+        if key not in self.alive and key not in self.starting and not self.starting:
+            self.starting[key] = self.launch(*key)
+
+    def launch(self, spec, decode_spec, num_prefill, num_decode) -> tuple[Deployment, Oracle]:
+        self.count += 1
+        name = f"{self.count}-{spec.model.name}-{spec.dtype}"
+        oracle = self.oracle_for(spec.without_connector())
+        deployment = Deployment(spec, self.run_dir, name, decode_spec, num_prefill, num_decode, oracle=oracle.instance)
+        return deployment.start(), oracle
 
     def oracle_for(self, spec: EngineSpec) -> Oracle:
         """The shared oracle for these settings, started (not yet waited for) if new."""
@@ -55,7 +66,7 @@ class DeploymentPool:
         return self.oracles[spec]
 
     def close_unused_oracles(self) -> None:
-        used = {d.spec.without_connector() for d, _ in self.alive.values()}
+        used = {d.spec.without_connector() for d, _ in [*self.alive.values(), *self.starting.values()]}
         for spec in set(self.oracles) - used:
             self.oracles.pop(spec).instance.close()
 
@@ -66,8 +77,9 @@ class DeploymentPool:
         return self.memo[key]
 
     def close(self) -> None:
-        while self.alive:
-            _, (deployment, _) = self.alive.popitem()
+        for deployment, _ in [*self.alive.values(), *self.starting.values()]:
             deployment.close()
+        self.alive.clear()
+        self.starting.clear()
         self.close_unused_oracles()
         stop_engine_server()
