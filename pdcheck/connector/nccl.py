@@ -187,7 +187,7 @@ class NcclPeer:
         save time and are ready at `after`."""
         check_tensors(tensors, self.device)
         deadline_at = time.monotonic() + self.deadline_s
-        self.send_stream.wait_event(after)
+        self.order_send_after(after)
         with self.group(deadline_at):
             for t in tensors:
                 t.record_stream(self.send_stream)
@@ -198,6 +198,10 @@ class NcclPeer:
             with self.group(deadline_at):
                 self.post("ncclSend", [sums], self.send_stream)
         return Transfer(self, list(tensors), recorded(self.send_stream))
+
+    def order_send_after(self, after: torch.cuda.Event) -> None:
+        """The send stream waits for the compute stream's event recorded after the KV write."""
+        self.send_stream.wait_event(after)
 
     def checksums_beside(self, tensors: list[torch.Tensor], after: torch.cuda.Event) -> torch.Tensor:
         """Checksums made on the checksum stream while the data goes; the send stream waits for them."""

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from pdcheck.connector.nccl import LayerSpec, NcclPeer, Transfer, check_tensors, checked_sums, recorded, request_buffer
+from pdcheck.connector.nccl import LayerSpec, NcclPeer, Transfer, recorded, request_buffer
 
 
 class MutantPeer(NcclPeer):
@@ -55,21 +55,8 @@ class RecvOnOtherStream(MutantPeer):
 class SendBeforeKVWrite(MutantPeer):
     """send_blocks whose data send does not wait for `after` (#26205); checksums made beside it do."""
 
-    def send_blocks(self, tensors: list[torch.Tensor], after: torch.cuda.Event, *,
-                    checksums: torch.Tensor | None = None, verify: bool = True) -> Transfer:
-        check_tensors(tensors, self.device)
-        deadline_at = time.monotonic() + self.deadline_s
-        # BUG: the reference's `self.send_stream.wait_event(after)` is missing here
-        with self.group(deadline_at):
-            for t in tensors:
-                t.record_stream(self.send_stream)
-            self.post("ncclSend", tensors, self.send_stream)
-        if verify:
-            sums = self.checksums_beside(tensors, after) if checksums is None else checked_sums(checksums, tensors)
-            sums.record_stream(self.send_stream)
-            with self.group(deadline_at):
-                self.post("ncclSend", [sums], self.send_stream)
-        return Transfer(self, list(tensors), recorded(self.send_stream))
+    def order_send_after(self, after: torch.cuda.Event) -> None:
+        pass  # BUG: the reference's `self.send_stream.wait_event(after)` is missing
 
 
 MUTANTS: dict[str, type[MutantPeer]] = {cls.__name__: cls for cls in (RecvOnOtherStream, SendBeforeKVWrite)}
