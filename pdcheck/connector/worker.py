@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 
 import msgspec
 import torch
@@ -47,14 +46,6 @@ class LoadEntry(msgspec.Struct, frozen=True):
     first_block: int = 0
 
 
-class TransferStats(msgspec.Struct):
-    request_id: str
-    direction: str
-    bytes: int
-    blocks: int
-    seconds: float
-
-
 def check_fits(entry: LoadEntry, data: torch.Tensor, layers: dict[str, torch.Tensor], layout) -> None:
     """Refuse KV that does not fit this cache (other model, dtype, block size or layout), so
     it fails as a load error instead of being written in."""
@@ -82,7 +73,6 @@ class WorkerHalf:
         self.sent: set[str] = set()
         self.finished_by_scheduler: set[str] = set()
         self.lock = threading.Lock()
-        self.stats: list[TransferStats] = []
         self.sends: queue.Queue = queue.Queue()
         self.sender = None
         if config.mode is Mode.PUT_ASYNC:
@@ -95,20 +85,18 @@ class WorkerHalf:
 
     def save(self, entries: list[SaveEntry]) -> None:
         for entry in entries:
-            started = time.monotonic()
             data = torch.stack([extract(self.layers[n], self.config.layout, entry.block_ids) for n in sorted(self.layers)])
             if self.config.mode is Mode.GET:
                 self.outbox.put(entry.transfer_key, entry.request_id, to_frame(entry.transfer_key, data))
             elif self.config.mode is Mode.PUT:
-                self.push(entry, data, started)
+                self.push(entry, data)
             else:
-                self.sends.put((entry, data, started))
+                self.sends.put((entry, data))
 
-    def push(self, entry: SaveEntry, data: torch.Tensor, started: float) -> None:
+    def push(self, entry: SaveEntry, data: torch.Tensor) -> None:
         client = self.client if threading.current_thread() is not self.sender else self.sender_client
         try:
             client.push(entry.remote, entry.transfer_key, data, self.config.deadline_s)
-            self.record_stats(entry.request_id, "send", data, len(entry.block_ids), started)
         except (TimeoutError, ProtocolError) as e:
             log.error("push of %s to %s failed: %s", entry.transfer_key, entry.remote, e)
         with self.lock:
@@ -123,14 +111,12 @@ class WorkerHalf:
     # -- load (decode) -------------------------------------------------------------------
     def load(self, entries: list[LoadEntry], layers: dict[str, torch.Tensor]) -> None:
         for entry in entries:
-            started = time.monotonic()
             try:
                 data = self.fetch(entry)
                 check_fits(entry, data, layers, self.config.layout)
                 for i, name in enumerate(sorted(layers)):
                     blocks = data[i, entry.first_block : entry.first_block + len(entry.block_ids)]
                     inject(layers[name], self.config.layout, entry.block_ids, blocks)
-                self.record_stats(entry.request_id, "recv", data, len(entry.block_ids), started)
             except (TimeoutError, ProtocolError) as e:
                 self.load_failed(entry, e)
 
@@ -148,10 +134,6 @@ class WorkerHalf:
         return data
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def record_stats(self, request_id: str, direction: str, data: torch.Tensor, blocks: int, started: float) -> None:
-        size = data.numel() * data.element_size()
-        self.stats.append(TransferStats(request_id, direction, size, blocks, time.monotonic() - started))
-
     def finished(self, finished_req_ids: set[str]) -> set[str]:
         """Requests done sending: their KV left, and the scheduler has finished them."""
         with self.lock:
