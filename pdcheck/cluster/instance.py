@@ -53,6 +53,8 @@ def engine_context():
         for key, value in ENGINE_ENV.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+        # torch makes its inductor cache folder (/tmp/torchinductor_<user>) even with compiling off
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["vllm", "vllm.engine.arg_utils", "pdcheck.cluster.worker"])
         _context = context
