@@ -11,6 +11,7 @@ The first instance, which also starts the forkserver, is reported on its own.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pdcheck.cluster.deployment import Deployment
-from pdcheck.cluster.instance import Instance
+from pdcheck.cluster.instance import Instance, cache_dir
 from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import EngineSpec, Role, connector_spec, model_path
 from pdcheck.store import RunStore
@@ -31,7 +32,8 @@ PROBE = GenRequest(request_id="probe", prompt=list(range(4, 40)), max_tokens=1)
 
 def time_import_vllm() -> float:
     started = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import vllm"], check=True, capture_output=True)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir() / "inductor"))  # not /tmp
+    subprocess.run([sys.executable, "-c", "import vllm"], check=True, capture_output=True, env=env)
     return time.monotonic() - started
 
 
