@@ -100,7 +100,7 @@ BUILTIN_DEFAULTS = {
     # pdcheck's reference connector: each instance listens on its own port; PUT modes push
     # to the decode instance named in the prefill leg's parameters.
     "P2PConnector": {
-        "extra_config": {"port": "{port}"},
+        "extra_config": {"port": "{port}", "stats_path": "{run_dir}/transfers-{port}.jsonl"},
         "prefill_params": {"do_remote_decode": True, "remote_decode": "{decode_addr}"},
     },
 }

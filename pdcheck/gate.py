@@ -13,6 +13,7 @@ from pdcheck.checker.compare import Outcome, Verdict, judge
 from pdcheck.checker.oracle import Calibration, Oracle
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.cluster.messages import GenRequest
+from pdcheck.connector.stats import Transfer
 from pdcheck.history import History
 from pdcheck.known_defects import known_defect
 from pdcheck.pd import PDResult, run_pd
@@ -29,6 +30,7 @@ class Checked(msgspec.Struct):
     external_tokens: int
     known_defect: str | None = None
     counted: str = ""  # the summary column: the outcome, or `known` for a known defect as recorded
+    transfer: Transfer | None = None  # what the connector's transfer log says moved, if it keeps one
 
     @property
     def passed(self) -> bool:
@@ -59,12 +61,15 @@ def check(
             history.record("invoke", config=spec.label, request_id=request.request_id, prompt_len=len(request.prompt),
                            topology=deployment.topology)
         prefill, decode = deployment.pair(start // concurrency)
-        for request, pd in zip(batch, run_pd(prefill, decode, spec.connector, batch, DEADLINE_S)):
+        results = run_pd(prefill, decode, spec.connector, batch, DEADLINE_S)
+        transfers = deployment.transfers()
+        for request, pd in zip(batch, results):
             item = judge_one(spec, request, pd, expected[request.request_id], calibration, earlier)
+            item.transfer = transfers.get((pd.prefill.kv_transfer_params or {}).get("transfer_key"))
             earlier.append(len(request.prompt))
             history.record(completion_kind(item.verdict.outcome), config=spec.label, request_id=request.request_id,
                            verdict=item.verdict, external_tokens=item.external_tokens, known_defect=item.known_defect,
-                           tokens=pd.result.token_ids)
+                           transfer=item.transfer, tokens=pd.result.token_ids)
             checked.append(item)
             if on_result:
                 on_result(item)

@@ -3,7 +3,8 @@
 Requests go one at a time through the pairs P0>D0, P1>D0, P0>D1, P1>D1 in turn, so each
 decode receives from both prefills (2P1D) and each prefill sends to both decodes (1P2D).
 Every request must match the oracle, every request longer than one block must have been
-loaded through the connector (decode's external-token count says how much), and once drained
+loaded through the connector (decode's external-token count and both sides' transfer logs say
+how much), and once drained
 no instance may hold KV blocks or requests. Negative control: a variant that never frees
 prefill's blocks is reported as a leak. Fault: prefill dying before decode pulls ends the
 request as an error within the connector's deadline.
@@ -50,6 +51,10 @@ def test_reference_connector_matches_oracle_2p2d(mode, model, pd_pool, pd_histor
     for c, r in zip(checked, requests):
         if len(r.prompt) > spec.block_size:
             assert c.external_tokens == len(r.prompt) - 1, f"len {len(r.prompt)}: loaded {c.external_tokens} tokens"
+            # prefill saves the prompt's blocks; decode loads those of all but the last token
+            blocks = (-(-len(r.prompt) // spec.block_size), -(-(len(r.prompt) - 1) // spec.block_size))
+            moved = c.transfer and (c.transfer.saved_blocks, c.transfer.loaded_blocks, c.transfer.errors)
+            assert moved == (*blocks, []), f"len {len(r.prompt)}: transfer log {c.transfer}, expected {blocks} blocks"
     assert leaks(deployment, pd_history) == [], "KV blocks or requests held after drain"
 
 

@@ -1,23 +1,27 @@
-"""The reference connector's TCP plane driven directly (no vLLM): real ZMQ sockets on loopback.
+"""The reference connector's TCP plane driven directly (no vLLM): real sockets on loopback.
 
 Covers the transfer paths (pull, push), and bad input from a peer: a malformed or
-wrong-version message, an unknown key, a full receive buffer, a corrupted payload, a peer that
-never answers. Each ends in a clear error within its deadline, and the server keeps serving.
+wrong-version message or handshake, an unknown key, a full receive buffer, an oversize announce,
+a corrupted payload, garbage or unannounced bytes on a data connection, a peer that never
+answers, a peer that dies mid-payload. Each ends in a clear error within its deadline, and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import pytest
 
 torch = pytest.importorskip("torch")
 zmq = pytest.importorskip("zmq")
 
-from pdcheck.connector import protocol  # noqa: E402
+from pdcheck.connector import protocol, stream  # noqa: E402
 from pdcheck.connector.buffers import Inbox, Outbox  # noqa: E402
 from pdcheck.connector.protocol import ErrorReply, ProtocolError  # noqa: E402
 from pdcheck.connector.tcp import KVClient, KVServer, to_frame  # noqa: E402
+from pdcheck.nemesis.transport import Fault, FaultyClient  # noqa: E402
 
 
 def free_port() -> int:
@@ -83,14 +87,93 @@ def test_bad_peer_messages_get_an_error_reply_and_the_server_keeps_serving(plane
     assert torch.equal(client.pull(address, "k", 5), kv())
 
 
-def test_corrupted_payload_is_caught_by_its_checksum(plane):
-    address, _, inbox, client = plane
-    header, data = to_frame("k", kv())
-    damaged = bytearray(data)
-    damaged[5] ^= 0x01
-    with pytest.raises(ProtocolError, match="checksum mismatch"):
-        client.request(address, [protocol.encode(protocol.Push(header)), bytes(damaged)], 5)
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_byte_corrupted_on_the_data_connection_is_caught_by_the_checksum(plane, direction):
+    address, outbox, inbox, _ = plane
+    context = zmq.Context()
+    client = FaultyClient(context, [Fault.CORRUPT])
+    try:
+        with pytest.raises(ProtocolError, match="checksum mismatch"):
+            if direction == "push":
+                client.push(address, "k", kv(), 5)
+            else:
+                outbox.put("k", "r", to_frame("k", kv()))
+                client.pull(address, "k", 5)
+        assert inbox.used_bytes == 0 and "k" not in inbox.entries
+        client.push(address, "k2", kv(seed=1), 5)  # the next transfer is clean
+        assert torch.equal(inbox.take("k2", 1), kv(seed=1))
+    finally:
+        client.close()
+        context.term()
+
+
+def test_an_oversize_announce_is_refused_before_any_byte_is_read(plane):
+    address, outbox, _, client = plane
+    outbox.put("big", "r", to_frame("big", torch.zeros(1024, dtype=torch.float32)))
+    client.max_bytes = 1000
+    with pytest.raises(ProtocolError, match="4096 bytes exceed"):
+        client.pull(address, "big", 5)
+    assert outbox.num_waiting == 1  # still there: nothing was fetched
+
+
+def test_a_handshake_of_another_version_is_refused(plane):
+    address, _, _, client = plane
+    with pytest.raises(ProtocolError, match="protocol version 1, expected"):
+        client.request(address, [protocol.encode(protocol.Hello("old", version=1))], 5)
+
+
+def test_garbage_and_unannounced_bytes_on_a_data_connection_close_it_and_the_server_keeps_serving(plane):
+    address, outbox, inbox, client = plane
+    (welcome,) = client.request(address, [protocol.encode(protocol.Hello("t"))], 5)
+    host = address.rpartition(":")[0]
+    header, payload = to_frame("never-announced", kv())
+    cases = [(b"\xff\xff\xff\xff", None, "message header"), (stream.LENGTH.pack(3) + b"\xc1\xc1\xc1", None, "malformed"),
+             (None, (header, payload), "no room reserved")]
+    for garbage, push, reason in cases:
+        with socket.create_connection((host, welcome.data_port), timeout=5) as conn:
+            if garbage:
+                conn.sendall(garbage)
+            else:
+                stream.write(conn, push[0], time.monotonic() + 5)  # the header alone: the server hangs up
+            reply = stream.read_message(conn, time.monotonic() + 5)
+            assert isinstance(reply, ErrorReply) and reason in reply.message
     assert inbox.used_bytes == 0
+    outbox.put("k", "r", to_frame("k", kv()))
+    assert torch.equal(client.pull(address, "k", 5), kv())
+
+
+def test_a_peer_that_dies_mid_payload_fails_the_pull_within_its_deadline():
+    """A fake prefill announces 4 KiB, sends half, and closes: the pull ends at once, cleanly."""
+    context = zmq.Context()
+    control = context.socket(zmq.ROUTER)
+    port = control.bind_to_random_port("tcp://127.0.0.1")
+    data = socket.create_server(("127.0.0.1", 0))
+    header, payload = to_frame("k", torch.zeros(1024, dtype=torch.float32))
+
+    def fake_prefill():
+        for answer in (protocol.Welcome(data.getsockname()[1]), header):
+            identity, _ = control.recv_multipart()
+            control.send_multipart([identity, protocol.encode(answer)])
+        conn, _ = data.accept()
+        with conn:
+            stream.read_message(conn, time.monotonic() + 5)
+            stream.write(conn, header, time.monotonic() + 5)
+            conn.sendall(bytes(payload)[:2048])
+
+    thread = threading.Thread(target=fake_prefill)
+    thread.start()
+    client = KVClient(context)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProtocolError, match="data connection failed: peer closed"):
+            client.pull(f"127.0.0.1:{port}", "k", 5)
+        assert time.monotonic() - started < 5
+    finally:
+        thread.join(5)
+        client.close()
+        control.close(0)
+        data.close()
+        context.term()
 
 
 def test_silent_peer_times_out_within_the_deadline():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pdcheck.cluster.instance import Instance
 from pdcheck.config import EngineSpec, Role
+from pdcheck.connector.stats import Transfer, read_transfers
 
 
 def cpu_plan(count: int) -> list[list[int]]:
@@ -41,6 +42,10 @@ class Deployment:
     def instances(self) -> list[Instance]:
         """The instances this deployment owns (starts and stops)."""
         return [self.oracle, *self.prefills, *self.decodes] if self.owns_oracle else [*self.prefills, *self.decodes]
+
+    def transfers(self) -> dict[str, Transfer]:
+        """What connectors that keep a transfer log (`transfers-*.jsonl` in `{run_dir}`) recorded."""
+        return read_transfers(sorted(self.folder.glob("transfers-*.jsonl")))
 
     def pair(self, i: int) -> tuple[Instance, Instance]:
         p = len(self.prefills)

@@ -3,8 +3,9 @@
 Outbox (prefill): KV extracted at save time, keyed by transfer key, with its frame header
 (checksum included) made at save time too, until a peer pulls it or it expires. Either way its request is reported as done sending, so vLLM frees its blocks.
 Inbox (decode): KV pushed by a peer until decode's load takes it. It holds at most
-`capacity_bytes` in its buffer plus `spill_bytes` in a host pool beside it; a push that fits in
-neither is refused (the sender sees an error, the load fails cleanly and is reported).
+`capacity_bytes` in its buffer plus `spill_bytes` in a host pool beside it. A push reserves its
+room when announced; one that fits in neither is refused (the sender sees an error, the load
+fails cleanly and is reported). A reservation whose bytes never come lapses after its hold.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class Outbox:
         """`frame`: what a pull of `key` is answered with (the TCP plane's header and bytes)."""
         with self.lock:
             self.waiting[key] = (request_id, frame, time.monotonic() + self.hold_s)
+
+    def peek(self, key: str) -> Any | None:
+        with self.lock:
+            entry = self.waiting.get(key)
+            return entry[1] if entry else None
 
     def take(self, key: str) -> Any | None:
         with self.lock:
@@ -62,19 +68,41 @@ class Inbox:
         self.capacity_bytes, self.spill_bytes = capacity_bytes, spill_bytes
         self.cond = threading.Condition()
         self.entries: dict[str, torch.Tensor] = {}
+        self.reserved: dict[str, tuple[int, float]] = {}  # key: (bytes, lapses at)
 
     @property
     def used_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.entries.values())
+        now = time.monotonic()
+        held = sum(t.numel() * t.element_size() for t in self.entries.values())
+        return held + sum(size for size, lapses in self.reserved.values() if lapses > now)
+
+    def reserve(self, key: str, size: int, hold_s: float) -> None:
+        with self.cond:
+            now = time.monotonic()
+            self.reserved = {k: v for k, v in self.reserved.items() if v[1] > now and k != key}
+            self.make_room(key, size)
+            self.reserved[key] = (size, time.monotonic() + hold_s)
+
+    def is_reserved(self, key: str, size: int) -> bool:
+        with self.cond:
+            return self.reserved.get(key, (None,))[0] == size
+
+    def release(self, key: str) -> None:
+        with self.cond:
+            self.reserved.pop(key, None)
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        """Store under `key`, in the room reserved for it (or in free room, if none was)."""
         with self.cond:
-            if self.used_bytes + size > self.capacity_bytes + self.spill_bytes:
-                raise BufferError(f"receive buffer full: {key} needs {size} bytes, "
-                                  f"{self.used_bytes} of {self.capacity_bytes + self.spill_bytes} in use")
+            if self.reserved.pop(key, None) is None:
+                self.make_room(key, tensor.numel() * tensor.element_size())
             self.entries[key] = tensor
             self.cond.notify_all()
+
+    def make_room(self, key: str, size: int) -> None:
+        if self.used_bytes + size > self.capacity_bytes + self.spill_bytes:
+            raise BufferError(f"receive buffer full: {key} needs {size} bytes, "
+                              f"{self.used_bytes} of {self.capacity_bytes + self.spill_bytes} in use")
 
     def take(self, key: str, deadline_s: float) -> torch.Tensor | None:
         end = time.monotonic() + deadline_s

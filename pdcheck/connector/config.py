@@ -1,7 +1,7 @@
 """The reference connector's settings, read from vLLM's kv_connector_extra_config.
 
 Keys: port (required), host, mode (get | put | put_async), layout, deadline_s, hold_s,
-buffer_bytes, spill_bytes. Bad values raise ValueError naming the key and the value.
+buffer_bytes, spill_bytes, stats_path (a file for the transfer log; none by default). Bad values raise ValueError naming the key and the value.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class P2PConfig:
     hold_s: float = 120.0
     buffer_bytes: int = 64 << 20
     spill_bytes: int = 64 << 20
+    stats_path: str | None = None
 
     def __post_init__(self):
         if not 0 < self.port < 65536:

@@ -1,21 +1,46 @@
-"""The connector's wire protocol: versioned msgspec messages over ZMQ.
+"""The connector's wire protocol: versioned msgspec messages.
 
-Every message is one msgpack frame, optionally followed by one raw data frame (the KV bytes of
-a whole request: all layers, all blocks). A peer's message that does not decode, or that has
-another version, gets an `ErrorReply` and a log line; it never stops the listener.
+Control messages go over ZMQ, one msgpack frame each. KV bytes go over a plain TCP data
+connection (see `stream`), each message there followed by the raw bytes a `Blocks` header
+describes (the KV of a whole request: all layers, all blocks). A peer's message that does not
+decode, or that has another version, gets an `ErrorReply` and a log line; it never stops the
+listener.
 
-    decode --Pull(key)------------------> prefill      GET: decode pulls
-    decode <--Blocks(key, ...) + bytes--- prefill
-    prefill --Push(key, ...) + bytes----> decode       PUT / PUT_ASYNC: prefill pushes
-    prefill <--Ack(key)------------------ decode
-    either <--ErrorReply(key, message)--- either       refused: unknown key, full, malformed
+    client --Hello---------------------> server    control: once per peer, before any transfer
+    client <--Welcome(data_port)-------- server    (a version mismatch is refused here)
+  GET (decode pulls):
+    decode --Pull(key)-----------------> prefill   control: announce; prefill still holds key
+    decode <--Blocks(key, ...)---------- prefill
+    decode ==Fetch(key)================> prefill   data connection
+    decode <==Blocks(key, ...) + bytes== prefill
+  PUT / PUT_ASYNC (prefill pushes):
+    prefill --Push(Blocks)-------------> decode    control: announce; decode reserves room
+    prefill <--Ack(key)----------------- decode
+    prefill ==Blocks(key, ...) + bytes=> decode    data connection
+    prefill <==Ack(key)================= decode    stored under key
+  either <--ErrorReply(key, message)--- either     refused: unknown key, full, malformed
 """
 
 from __future__ import annotations
 
 import msgspec
 
-VERSION = 1
+VERSION = 2
+
+
+class Hello(msgspec.Struct, tag=True, frozen=True):
+    peer: str  # who is asking, for the server's log lines
+    version: int = VERSION
+
+
+class Welcome(msgspec.Struct, tag=True, frozen=True):
+    data_port: int  # where the server's data connections are accepted, on the same host
+    version: int = VERSION
+
+
+class Fetch(msgspec.Struct, tag=True, frozen=True):
+    transfer_key: str
+    version: int = VERSION
 
 
 class Pull(msgspec.Struct, tag=True, frozen=True):
@@ -49,7 +74,7 @@ class ErrorReply(msgspec.Struct, tag=True, frozen=True):
     version: int = VERSION
 
 
-Message = Pull | Blocks | Push | Ack | ErrorReply
+Message = Hello | Welcome | Pull | Fetch | Blocks | Push | Ack | ErrorReply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -1,161 +1,322 @@
-"""The TCP plane: control messages and KV bytes over ZMQ (ROUTER server, DEALER clients).
+"""The TCP plane: control messages over ZMQ (ROUTER server, DEALER clients), KV bytes over
+plain TCP data connections (pdcheck.connector.stream), as pdcheck.connector.protocol draws it.
 
-`KVServer` owns one ROUTER socket on its own thread and answers peers: a Pull is served from
-the Outbox, a Push is stored in the Inbox. `KVClient` sends one request and waits for its reply
-with a deadline; a client belongs to one thread (ZMQ sockets are not thread-safe). Tensors go
-as one raw frame, without a copy on the sending side (pyzmq sends the tensor's buffer).
+`KVServer` owns a ROUTER socket on one thread (handshakes and announces), a data listener on
+another, and one thread per accepted data connection (fetches and pushed bytes). `KVClient`
+belongs to one thread (ZMQ sockets are not thread-safe): a transfer shakes hands once per peer,
+announces itself on the control socket, then moves the bytes on the data connection, all
+within one deadline. Bytes are written from the tensor's memory and read straight into the
+receiving tensor; the sender's checksum (made at save time) is checked on arrival.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import selectors
+import socket
 import threading
 import time
-import warnings
-
-import numpy as np
 
 import torch
 import zmq
 
+from pdcheck.connector import stream
 from pdcheck.connector.buffers import Inbox, Outbox
-from pdcheck.connector.protocol import Ack, Blocks, ErrorReply, ProtocolError, Pull, Push, decode, encode
+from pdcheck.connector.protocol import (
+    Ack, Blocks, ErrorReply, Fetch, Hello, Message, ProtocolError, Pull, Push, Welcome, decode, encode,
+)
 
 log = logging.getLogger("pdcheck.connector")
-POLL_MS = 100
+POLL_S = 0.1
 
 
-def checksum(data: np.ndarray) -> int:
+def checksum(data: torch.Tensor) -> int:
     """A cheap content checksum (sum of 64-bit words, tail bytes and length): any change to
     one word changes it. Fast enough to run at memory speed on both sides of every transfer."""
-    data = data.reshape(-1).view(np.uint8)
-    aligned = len(data) // 8 * 8
-    words = int(data[:aligned].view(np.uint64).sum(dtype=np.uint64))
-    return (words + int(data[aligned:].sum()) + len(data)) % 2**64
+    flat = data.reshape(-1).view(torch.uint8)
+    aligned = flat.numel() // 8 * 8
+    words = flat[:aligned] if flat.storage_offset() % 8 == 0 else flat[:aligned].clone()
+    total = int(words.view(torch.int64).sum()) if aligned else 0
+    return (total + int(flat[aligned:].sum()) + flat.numel()) % 2**64
 
 
 def to_frame(key: str, tensor: torch.Tensor) -> tuple[Blocks, memoryview]:
-    data = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
+    data = tensor.contiguous().view(torch.uint8).reshape(-1)
     header = Blocks(transfer_key=key, dtype=str(tensor.dtype).removeprefix("torch."), shape=list(tensor.shape),
                     checksum=checksum(data))
-    return header, memoryview(data)
+    return header, memoryview(data.numpy())
 
 
-def from_frame(header: Blocks, frame) -> torch.Tensor:
-    """The tensor a data frame holds, checked against its header. It shares the frame's memory."""
-    buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-    if checksum(np.frombuffer(buffer, dtype=np.uint8)) != header.checksum:
-        raise ProtocolError(f"transfer {header.transfer_key}: checksum mismatch")
+def payload_size(header: Blocks) -> int:
+    """The byte count a header announces, refusing dtypes and shapes no tensor has."""
     dtype = getattr(torch, header.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ProtocolError(f"transfer {header.transfer_key}: unknown dtype {header.dtype!r}")
+    if any(n < 0 for n in header.shape):
+        raise ProtocolError(f"transfer {header.transfer_key}: negative shape {header.shape}")
     count = 1
     for n in header.shape:
         count *= n
-    if count * dtype.itemsize != len(buffer):
-        raise ProtocolError(f"transfer {header.transfer_key}: {len(buffer)} bytes for shape {header.shape}")
-    with warnings.catch_warnings():  # read-only memory: the tensor is only ever copied from
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)
-    return flat.view(dtype).reshape(header.shape)
+    return count * dtype.itemsize
+
+
+def from_frame(header: Blocks, data: torch.Tensor) -> torch.Tensor:
+    """The tensor the bytes `data` (flat uint8) hold, checked against their header. It shares
+    their memory."""
+    if payload_size(header) != data.numel():
+        raise ProtocolError(f"transfer {header.transfer_key}: {data.numel()} bytes for shape {header.shape}")
+    if checksum(data) != header.checksum:
+        raise ProtocolError(f"transfer {header.transfer_key}: checksum mismatch")
+    return data.view(getattr(torch, header.dtype)).reshape(header.shape)
 
 
 class KVServer:
-    def __init__(self, context: zmq.Context, address: str, outbox: Outbox, inbox: Inbox):
-        self.outbox, self.inbox = outbox, inbox
+    def __init__(self, context: zmq.Context, address: str, outbox: Outbox, inbox: Inbox, deadline_s: float = 10.0):
+        self.outbox, self.inbox, self.deadline_s = outbox, inbox, deadline_s
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(f"tcp://{address}")
+        self.listener = socket.create_server((address.rpartition(":")[0], 0))
+        self.listener.settimeout(POLL_S)
+        self.data_port = self.listener.getsockname()[1]
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.serve, name=f"pdcheck-kv-server-{address}", daemon=True)
+        self.threads = [threading.Thread(target=self.serve, name=f"pdcheck-kv-control-{address}", daemon=True),
+                        threading.Thread(target=self.accept, name=f"pdcheck-kv-data-{address}", daemon=True)]
 
     def start(self) -> KVServer:
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
         return self
 
+    # -- control ---------------------------------------------------------------------------
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         while not self.stopping.is_set():
-            if poller.poll(POLL_MS):
+            if poller.poll(int(POLL_S * 1000)):
                 identity, *frames = self.socket.recv_multipart(copy=False)
-                self.socket.send_multipart([identity, *self.answer(frames)], copy=False)
+                self.socket.send_multipart([identity, encode(self.answer(frames))], copy=False)
         self.socket.close()
 
-    def answer(self, frames) -> list:
+    def answer(self, frames) -> Message:
         key = None
         try:
             message = decode(frames[0].bytes)
             key = message.blocks.transfer_key if isinstance(message, Push) else getattr(message, "transfer_key", None)
+            if len(frames) != 1:
+                raise ProtocolError(f"{len(frames) - 1} data frames on the control socket")
+            if isinstance(message, Hello):
+                return Welcome(self.data_port)
             if isinstance(message, Pull):
-                return self.serve_pull(message)
-            if isinstance(message, Push) and len(frames) == 2:
-                self.inbox.put(message.blocks.transfer_key, from_frame(message.blocks, frames[1]))
-                return [encode(Ack(message.blocks.transfer_key))]
-            raise ProtocolError(f"unexpected {type(message).__name__} with {len(frames) - 1} data frames")
+                return self.announced(message.transfer_key)
+            if isinstance(message, Push):
+                self.inbox.reserve(key, payload_size(message.blocks), self.deadline_s)
+                return Ack(key)
+            raise ProtocolError(f"unexpected {type(message).__name__}")
         except (ProtocolError, BufferError) as e:
             log.warning("refused a peer's message: %s", e)
-            return [encode(ErrorReply(transfer_key=key, message=str(e)))]
+            return ErrorReply(transfer_key=key, message=str(e))
 
-    def serve_pull(self, pull: Pull) -> list:
-        frame = self.outbox.take(pull.transfer_key)
+    def announced(self, key: str) -> Blocks:
+        frame = self.outbox.peek(key)
         if frame is None:
-            raise ProtocolError(f"unknown transfer key {pull.transfer_key}")
-        header, data = frame
-        return [encode(header), data]
+            raise ProtocolError(f"unknown transfer key {key}")
+        return frame[0]
+
+    # -- data ------------------------------------------------------------------------------
+    def accept(self) -> None:
+        connections = []
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            thread = threading.Thread(target=self.serve_connection, args=(conn,), name="pdcheck-kv-conn", daemon=True)
+            thread.start()
+            connections = [t for t in connections if t.is_alive()] + [thread]
+        self.listener.close()
+        for thread in connections:
+            thread.join(self.deadline_s)
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        """Answer one peer's data messages in order until it leaves, breaks the framing, or
+        the server stops."""
+        with conn, selectors.DefaultSelector() as selector:
+            selector.register(conn, selectors.EVENT_READ)
+            try:
+                while not self.stopping.is_set():
+                    if selector.select(POLL_S):
+                        self.answer_data(conn, time.monotonic() + self.deadline_s)
+            except ProtocolError as e:  # the framing is lost: say why, then hang up
+                log.warning("closed a data connection: %s", e)
+                with contextlib.suppress(OSError):
+                    stream.write(conn, ErrorReply(transfer_key=None, message=str(e)), time.monotonic() + POLL_S)
+            except OSError as e:
+                log.info("closed a data connection: %s", e)
+
+    def answer_data(self, conn: socket.socket, deadline_at: float) -> None:
+        message = stream.read_message(conn, deadline_at)
+        if isinstance(message, Fetch):
+            frame = self.outbox.take(message.transfer_key)
+            if frame is None:
+                stream.write(conn, ErrorReply(message.transfer_key, f"unknown transfer key {message.transfer_key}"),
+                             deadline_at)
+            else:
+                stream.write(conn, frame[0], deadline_at, payload=frame[1])
+        elif isinstance(message, Blocks):
+            stream.write(conn, self.receive(conn, message, deadline_at), deadline_at)
+        else:
+            raise ProtocolError(f"unexpected {type(message).__name__} on a data connection")
+
+    def receive(self, conn: socket.socket, header: Blocks, deadline_at: float) -> Message:
+        """Read pushed bytes into a tensor of their own and store them where room was reserved."""
+        key, size = header.transfer_key, payload_size(header)
+        if not self.inbox.is_reserved(key, size):
+            raise ProtocolError(f"{key}: {size} bytes pushed with no room reserved for them")
+        data = torch.empty(size, dtype=torch.uint8)
+        stream.read_into(conn, memoryview(data.numpy()), deadline_at)
+        try:
+            self.inbox.put(key, from_frame(header, data))
+            return Ack(key)
+        except (ProtocolError, BufferError) as e:
+            self.inbox.release(key)
+            log.warning("refused a peer's push: %s", e)
+            return ErrorReply(transfer_key=key, message=str(e))
 
     def stop(self) -> None:
         self.stopping.set()
-        self.thread.join(5)
+        for thread in self.threads:
+            thread.join(self.deadline_s + 1)
 
 
 class KVClient:
-    """Requests to peers from one thread; every wait has a deadline."""
+    """Transfers to and from peers, from one thread; every wait has a deadline.
 
-    def __init__(self, context: zmq.Context):
-        self.context = context
+    A pulled tensor lives in this client's receive buffer: it is valid until the next pull."""
+
+    def __init__(self, context: zmq.Context, name: str = "pdcheck", max_bytes: int = 1 << 40):
+        self.context, self.name, self.max_bytes = context, name, max_bytes
         self.sockets: dict[str, zmq.Socket] = {}
+        self.data: dict[str, socket.socket] = {}
+        self.buffer = torch.empty(0, dtype=torch.uint8)
 
+    def pull(self, address: str, key: str, deadline_s: float) -> torch.Tensor:
+        def transfer(deadline_at: float) -> torch.Tensor:
+            conn = self.channel(address, deadline_at)
+            header = self.announce(address, Pull(key), deadline_at, key)
+            if not isinstance(header, Blocks) or header.transfer_key != key:
+                raise ProtocolError(f"{address} answered a pull of {key} with {type(header).__name__}")
+            size = payload_size(header)
+            if size > self.max_bytes:
+                raise ProtocolError(f"{key}: {size} bytes exceed this receive buffer's {self.max_bytes}")
+            stream.write(conn, Fetch(key), deadline_at)
+            reply = stream.read_message(conn, deadline_at)
+            if reply != header:
+                raise ProtocolError(f"{address} sent {reply} for {key}, announced {header}")
+            data = self.receive_buffer(size)
+            self.recv_payload(conn, data, deadline_at)
+            return from_frame(header, data)
+
+        return self.transfer(address, key, deadline_s, transfer)
+
+    def push(self, address: str, key: str, tensor: torch.Tensor, deadline_s: float) -> None:
+        header, payload = to_frame(key, tensor)
+
+        def transfer(deadline_at: float) -> None:
+            conn = self.channel(address, deadline_at)
+            accepted = self.announce(address, Push(header), deadline_at, key)
+            if not isinstance(accepted, Ack) or accepted.transfer_key != key:
+                raise ProtocolError(f"{address} answered a push of {key} with {accepted}")
+            self.send_payload(conn, header, payload, deadline_at)
+            stored = stream.read_message(conn, deadline_at)
+            if not isinstance(stored, Ack) or stored.transfer_key != key:
+                raise ProtocolError(f"{address} did not store {key}: {stored}")
+
+        self.transfer(address, key, deadline_s, transfer)
+
+    def transfer(self, address: str, key: str, deadline_s: float, body):
+        """Run one transfer by its deadline. On any failure both connections to the peer are
+        dropped (a late or partial answer must not be read as the next transfer's)."""
+        try:
+            return body(time.monotonic() + deadline_s)
+        except TimeoutError:
+            self.drop(address)
+            raise TimeoutError(f"{key} with {address}: no answer within {deadline_s}s") from None
+        except OSError as e:
+            self.drop(address)
+            raise ProtocolError(f"{key} with {address}: data connection failed: {e}") from None
+        except ErrorReplied as e:
+            raise ProtocolError(f"{address} refused: {e}") from None
+        except ProtocolError:
+            self.drop(address)
+            raise
+
+    # -- seams (pdcheck.nemesis.transport overrides these) ---------------------------------------
+    def announce(self, address: str, message: Message, deadline_at: float, key: str | None) -> Message:
+        (reply,) = self.request(address, [encode(message)], stream.remaining(deadline_at), key)
+        return reply
+
+    def send_payload(self, conn: socket.socket, header: Blocks, payload: memoryview, deadline_at: float) -> None:
+        stream.write(conn, header, deadline_at, payload=payload)
+
+    def recv_payload(self, conn: socket.socket, data: torch.Tensor, deadline_at: float) -> None:
+        stream.read_into(conn, memoryview(data.numpy()), deadline_at)
+
+    # -- connections -----------------------------------------------------------------------
     def request(self, address: str, frames: list, deadline_s: float, key: str | None = None) -> list:
-        """Send one request and return its reply. Replies about another transfer key (late or
-        duplicated answers to earlier requests) are skipped, never taken as this one's."""
-        socket = self.sockets.get(address) or self.connect(address)
-        socket.send_multipart(frames, copy=False)
+        """Send one control request and return its reply. Replies about another transfer key
+        (late or duplicated answers to earlier requests) are skipped, never taken as this one's."""
+        socket_ = self.sockets.get(address) or self.connect(address)
+        socket_.send_multipart(frames, copy=False)
         end = time.monotonic() + deadline_s
-        while socket.poll(max(0, int((end - time.monotonic()) * 1000))):
-            reply = socket.recv_multipart(copy=False)
+        while socket_.poll(max(0, int((end - time.monotonic()) * 1000))):
+            reply = socket_.recv_multipart(copy=False)
             message = decode(reply[0].bytes)
             if key is not None and getattr(message, "transfer_key", None) not in (None, key):
                 log.warning("skipped a stale reply about %s while waiting for %s", message.transfer_key, key)
                 continue
             if isinstance(message, ErrorReply):
-                raise ProtocolError(f"{address} refused: {message.message}")
+                raise ErrorReplied(message.message)
             return [message, *reply[1:]]
-        self.drop(address)  # a late reply must not be read as the next request's
+        self.drop(address)
         raise TimeoutError(f"no reply from {address} within {deadline_s}s")
 
-    def pull(self, address: str, key: str, deadline_s: float) -> torch.Tensor:
-        header, *data = self.request(address, [encode(Pull(key))], deadline_s, key)
-        if not isinstance(header, Blocks) or len(data) != 1 or header.transfer_key != key:
-            raise ProtocolError(f"{address} answered a pull of {key} with {type(header).__name__}")
-        return from_frame(header, data[0])
+    def channel(self, address: str, deadline_at: float) -> socket.socket:
+        """The data connection to a peer, made after a handshake on the first transfer."""
+        if address not in self.data:
+            welcome = self.announce(address, Hello(self.name), deadline_at, None)
+            if not isinstance(welcome, Welcome):
+                raise ProtocolError(f"{address} answered a handshake with {type(welcome).__name__}")
+            host = address.rpartition(":")[0]
+            conn = socket.create_connection((host, welcome.data_port), timeout=stream.remaining(deadline_at))
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.data[address] = conn
+        return self.data[address]
 
-    def push(self, address: str, key: str, tensor: torch.Tensor, deadline_s: float) -> None:
-        header, data = to_frame(key, tensor)
-        (reply,) = self.request(address, [encode(Push(header)), data], deadline_s, key)
-        if not isinstance(reply, Ack) or reply.transfer_key != key:
-            raise ProtocolError(f"{address} answered a push of {key} with {reply}")
+    def receive_buffer(self, size: int) -> torch.Tensor:
+        if self.buffer.numel() < size:
+            self.buffer = torch.empty(size, dtype=torch.uint8)
+        return self.buffer[:size]
 
     def connect(self, address: str) -> zmq.Socket:
-        socket = self.context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(f"tcp://{address}")
-        self.sockets[address] = socket
-        return socket
+        socket_ = self.context.socket(zmq.DEALER)
+        socket_.setsockopt(zmq.LINGER, 0)
+        socket_.connect(f"tcp://{address}")
+        self.sockets[address] = socket_
+        return socket_
 
     def drop(self, address: str) -> None:
-        self.sockets.pop(address).close()
+        if address in self.sockets:
+            self.sockets.pop(address).close()
+        if address in self.data:
+            self.data.pop(address).close()
 
     def close(self) -> None:
-        for address in list(self.sockets):
+        for address in set(self.sockets) | set(self.data):
             self.drop(address)
+
+
+class ErrorReplied(ProtocolError):
+    """The peer answered a control request with an ErrorReply (its message is the text)."""

@@ -7,6 +7,7 @@ pushes it inline; PUT_ASYNC hands the copy to the send thread.
 Load (decode): fetch (pull, or take from the Inbox) with a deadline, then inject into the
 request's blocks. A load that fails reports its block ids; it is never skipped silently.
 A request counts as done sending once its KV has left and the scheduler has finished it.
+Every save and load is written to the transfer log (pdcheck.connector.stats) when one is set.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 import msgspec
 import torch
@@ -23,6 +25,7 @@ from pdcheck.connector.buffers import Inbox, Outbox
 from pdcheck.connector.config import Mode, P2PConfig
 from pdcheck.connector.layouts import extract, inject
 from pdcheck.connector.protocol import ProtocolError
+from pdcheck.connector.stats import TransferLog, TransferRecord
 from pdcheck.connector.tcp import KVClient, KVServer, to_frame
 
 log = logging.getLogger("pdcheck.connector")
@@ -65,9 +68,10 @@ class WorkerHalf:
         self.context = zmq.Context()
         self.outbox = Outbox(config.hold_s)
         self.inbox = Inbox(config.buffer_bytes, config.spill_bytes)
-        self.server = KVServer(self.context, config.address, self.outbox, self.inbox).start()
+        self.server = KVServer(self.context, config.address, self.outbox, self.inbox, config.deadline_s).start()
         self.client_factory = client_factory
-        self.client = client_factory(self.context)
+        self.client = self.new_client()
+        self.log = TransferLog(config.stats_path)
         self.layers: dict[str, torch.Tensor] = {}
         self.load_errors: set[int] = set()
         self.sent: set[str] = set()
@@ -79,6 +83,11 @@ class WorkerHalf:
             self.sender = threading.Thread(target=self.send_loop, name="pdcheck-kv-sender", daemon=True)
             self.sender.start()
 
+    def new_client(self) -> KVClient:
+        client = self.client_factory(self.context)
+        client.name, client.max_bytes = self.config.address, self.config.buffer_bytes + self.config.spill_bytes
+        return client
+
     # -- save (prefill) ------------------------------------------------------------------
     def record_layer(self, name: str, cache: torch.Tensor) -> None:
         self.layers[name] = cache
@@ -86,6 +95,7 @@ class WorkerHalf:
     def save(self, entries: list[SaveEntry]) -> None:
         for entry in entries:
             data = torch.stack([extract(self.layers[n], self.config.layout, entry.block_ids) for n in sorted(self.layers)])
+            self.log.record(TransferRecord(entry.transfer_key, "save", len(entry.block_ids), data.nbytes, 0.0))
             if self.config.mode is Mode.GET:
                 self.outbox.put(entry.transfer_key, entry.request_id, to_frame(entry.transfer_key, data))
             elif self.config.mode is Mode.PUT:
@@ -103,7 +113,7 @@ class WorkerHalf:
             self.sent.add(entry.request_id)
 
     def send_loop(self) -> None:
-        self.sender_client = self.client_factory(self.context)
+        self.sender_client = self.new_client()
         while (item := self.sends.get()) is not None:
             self.push(*item)
         self.sender_client.close()
@@ -111,6 +121,7 @@ class WorkerHalf:
     # -- load (decode) -------------------------------------------------------------------
     def load(self, entries: list[LoadEntry], layers: dict[str, torch.Tensor]) -> None:
         for entry in entries:
+            started = time.monotonic()
             try:
                 data = self.fetch(entry)
                 check_fits(entry, data, layers, self.config.layout)
@@ -119,10 +130,14 @@ class WorkerHalf:
                     inject(layers[name], self.config.layout, entry.block_ids, blocks)
             except (TimeoutError, ProtocolError) as e:
                 self.load_failed(entry, e)
+            else:
+                self.log.record(TransferRecord(entry.transfer_key, "load", len(entry.block_ids), data.nbytes,
+                                               time.monotonic() - started))
 
     def load_failed(self, entry: LoadEntry, error: Exception) -> None:
         """Report the blocks, so vLLM fails or recomputes the request: never decode on them."""
         log.error("load of %s failed: %s", entry.transfer_key, error)
+        self.log.record(TransferRecord(entry.transfer_key, "load", len(entry.block_ids), 0, 0.0, str(error)))
         self.load_errors.update(entry.block_ids)
 
     def fetch(self, entry: LoadEntry) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""Faults on the reference connector's wire, at its client seam (no connector code changes).
+"""Faults on the reference connector's wire, at its client seams (no connector code changes).
 
-`FaultyClient` is a KVClient whose requests follow a schedule of faults, one per request in
-order (then none): DROP (the request never leaves: the caller's deadline passes), DELAY (it
-leaves late, inside the deadline), DUPLICATE (it leaves twice), CORRUPT (one byte of the
-payload, sent or received, is flipped). Every fault applied is appended to `applied`.
+`FaultyClient` is a KVClient whose transfers follow a schedule of faults, one per transfer in
+order (then none): DROP (the transfer never leaves: the caller's deadline passes), DELAY (it
+leaves late, inside the deadline), DUPLICATE (its control announce is sent twice), CORRUPT (one
+byte of the payload, sent or received, is flipped). Every fault applied is appended to `applied`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import time
 
+from pdcheck.connector.protocol import Fetch, Pull, Push, encode
 from pdcheck.connector.tcp import KVClient
 
 
@@ -27,28 +28,36 @@ class FaultyClient(KVClient):
         super().__init__(context)
         self.schedule, self.delay_s = list(schedule), delay_s
         self.applied: list[Fault] = []
+        self.fault = Fault.NONE
 
-    def request(self, address: str, frames: list, deadline_s: float, key: str | None = None) -> list:
-        fault = self.schedule.pop(0) if self.schedule else Fault.NONE
-        self.applied.append(fault)
-        if fault is Fault.DROP:
+    def transfer(self, address: str, key: str, deadline_s: float, body):
+        self.fault = self.schedule.pop(0) if self.schedule else Fault.NONE
+        self.applied.append(self.fault)
+        if self.fault is Fault.DROP:
             time.sleep(deadline_s)
-            raise TimeoutError(f"no reply from {address} within {deadline_s}s (dropped)")
-        if fault is Fault.DELAY:
+            raise TimeoutError(f"{key} with {address}: no answer within {deadline_s}s (dropped)")
+        if self.fault is Fault.DELAY:
             time.sleep(self.delay_s)
-        if fault is Fault.DUPLICATE:
-            self.sockets.get(address) or self.connect(address)
-            self.sockets[address].send_multipart(frames, copy=False)
-        if fault is Fault.CORRUPT and len(frames) > 1:
-            frames = [*frames[:-1], flip_one_byte(frames[-1])]
-        reply = super().request(address, frames, deadline_s, key)
-        if fault is Fault.CORRUPT and len(frames) == 1 and len(reply) > 1:
-            reply = [*reply[:-1], flip_one_byte(reply[-1])]
-        return reply
+        return super().transfer(address, key, deadline_s, body)
+
+    def announce(self, address, message, deadline_at, key):
+        if self.fault is Fault.DUPLICATE and isinstance(message, Pull | Push | Fetch):
+            (self.sockets.get(address) or self.connect(address)).send(encode(message))
+        return super().announce(address, message, deadline_at, key)
+
+    def send_payload(self, conn, header, payload, deadline_at):
+        if self.fault is Fault.CORRUPT:
+            payload = flip_one_byte(payload)
+        super().send_payload(conn, header, payload, deadline_at)
+
+    def recv_payload(self, conn, data, deadline_at):
+        super().recv_payload(conn, data, deadline_at)
+        if self.fault is Fault.CORRUPT and data.numel():
+            data[data.numel() // 2] ^= 0x10
 
 
 def flip_one_byte(frame) -> bytes:
-    data = bytearray(frame.buffer if hasattr(frame, "buffer") else frame)
+    data = bytearray(frame)
     if data:
         data[len(data) // 2] ^= 0x10
     return bytes(data)
