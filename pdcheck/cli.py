@@ -1,4 +1,5 @@
-"""The command line: `pdcheck run` (the gate on a workload) and `pdcheck bench ...`.
+"""The command line: `pdcheck run` (the gate on a workload), `pdcheck proxy` (the PD proxy, in the
+foreground), `pdcheck serve` (one vLLM server behind it) and `pdcheck bench ...`.
 
 Exit codes: 0 every request matched the oracle (known defects aside), 1 something diverged,
 errored, hung, fell back, or a known defect no longer shows, 2 the run could not be made (bad
@@ -20,6 +21,7 @@ from rich.console import Console
 from pdcheck.config import DTYPES, EngineSpec, connector_spec, model_path
 from pdcheck.cluster.instance import stop_engine_server
 from pdcheck.errors import BadInput, InstanceFailed
+from pdcheck.proxy.policies import POLICIES
 
 DEFAULT_MODELS = ["tiny-llama", "tiny-qwen3-moe"]
 DEFAULT_CONNECTOR = "ExampleConnector"
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tokens", type=int, default=16)
     run.add_argument("--lengths", type=lengths_option, help="only prompts of these lengths, e.g. 64,65")
     run.add_argument("--topology", type=topology_option, default=(1, 1), help="xPyD, e.g. 2P2D (default 1P1D)")
+    run.add_argument("--serve", action="store_true", help="`pdcheck serve` instances behind the proxy, over HTTP")
     run.add_argument("--runs-dir", type=Path, default=Path("runs"))
     bench = commands.add_parser("bench", help="benchmarks")
     which = bench.add_subparsers(dest="bench", required=True)
@@ -44,7 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
     tcp = which.add_parser("tcp", help="the reference connector's TCP plane against a plain socket")
     tcp.add_argument("--mib", type=int, default=64, help="bytes per transfer, in MiB")
     tcp.add_argument("--repeat", type=int, default=9)
+    proxy_bench = which.add_parser("proxy", help="latency the PD proxy adds, against fake backends")
+    proxy_bench.add_argument("--requests", type=int, default=300)
+    proxy_bench.add_argument("--warmup", type=int, default=30)
+    add_proxy_parser(commands)
+    add_serve_parser(commands)
     return parser
+
+
+def add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="vLLM's OpenAI server for one role, heartbeating to a proxy")
+    serve.add_argument("--role", choices=["prefill", "decode", "single"], required=True)
+    serve.add_argument("--model", default="tiny-llama", help="model folder or embedded name")
+    serve.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    serve.add_argument("--block-size", type=int, default=32)
+    serve.add_argument("--max-model-len", type=int, default=256)
+    serve.add_argument("--connector", default="reference", help="vLLM built-in name, module:Class or file.py:Class")
+    serve.add_argument("--connector-config", help="JSON object for kv_connector_extra_config")
+    serve.add_argument("--port", type=int, required=True, help="HTTP port")
+    serve.add_argument("--kv-port", type=int, default=0, help="the connector's port (`{port}` in its config)")
+    serve.add_argument("--proxy", help="the proxy's heartbeat address, host:port (prefill and decode roles)")
+    serve.add_argument("--heartbeat-interval-s", type=float, default=1.0)
+    serve.add_argument("--run-dir", type=Path, default=Path("runs/serve"), help="the connector's `{run_dir}`")
+
+
+def add_proxy_parser(commands) -> None:
+    proxy = commands.add_parser("proxy", help="the PD proxy: vLLM's OpenAI API over instances found by heartbeat")
+    proxy.add_argument("--host", default="127.0.0.1")
+    proxy.add_argument("--port", type=int, required=True)
+    proxy.add_argument("--heartbeat-port", type=int, required=True)
+    proxy.add_argument("--policy", choices=list(POLICIES), default="round_robin")
+    proxy.add_argument("--seed", type=int, default=0, help="for --policy random")
+    proxy.add_argument("--timeout-s", type=float, default=30.0, help="per upstream leg")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +114,14 @@ def engine_specs(args) -> list[EngineSpec]:
     ]
 
 
+def serve_spec(args) -> EngineSpec:
+    if args.role != "single" and not (args.proxy and args.kv_port):
+        raise BadInput(f"--role {args.role} needs --proxy (the proxy's heartbeat address) and --kv-port")
+    connector = connector_spec(args.connector, args.connector_config) if args.role != "single" else None
+    return EngineSpec(model=model_path(args.model), dtype=args.dtype, block_size=args.block_size,
+                      max_model_len=args.max_model_len, connector=connector)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -92,6 +134,18 @@ def main(argv: list[str] | None = None) -> int:
                 from pdcheck.runner import run_gate
 
                 return run_gate(args, engine_specs(args), stack, console)
+            if args.command == "serve":
+                from pdcheck.cluster.serve import serve
+
+                return serve(args, serve_spec(args))
+            if args.command == "proxy":
+                from pdcheck.proxy.server import run_foreground
+
+                return run_foreground(args, stack, console)
+            if args.bench == "proxy":
+                from pdcheck.bench_proxy import bench_proxy
+
+                return bench_proxy(args, stack, console)
             from pdcheck import bench
 
             return {"startup": bench.bench_startup, "tcp": bench.bench_tcp}[args.bench](args, stack, console)

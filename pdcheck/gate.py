@@ -16,7 +16,7 @@ from pdcheck.cluster.messages import GenRequest
 from pdcheck.connector.stats import Transfer
 from pdcheck.history import History
 from pdcheck.known_defects import known_defect
-from pdcheck.pd import PDResult, run_pd
+from pdcheck.pd import PDResult
 
 DEADLINE_S = 60.0
 
@@ -60,8 +60,7 @@ def check(
         for request in batch:
             history.record("invoke", config=spec.label, request_id=request.request_id, prompt_len=len(request.prompt),
                            topology=deployment.topology)
-        prefill, decode = deployment.pair(start // concurrency)
-        results = run_pd(prefill, decode, spec.connector, batch, DEADLINE_S)
+        results = deployment.run(batch, start // concurrency, DEADLINE_S)
         transfers = deployment.transfers()
         for request, pd in zip(batch, results):
             item = judge_one(spec, request, pd, expected[request.request_id], calibration, earlier)

@@ -1,5 +1,8 @@
 """`pdcheck run`: every configuration's deployment, the workload through it, a summary.
 
+A deployment is xPyD in-process engines, or with --serve the real shape: `pdcheck serve`
+instances (vLLM's OpenAI server) behind the PD proxy, the workload sent over HTTP.
+
 Configurations run one after another; the next one's instances start while the current one is
 checked, so at most two deployments are alive. Every deployment is owned by the caller's
 ExitStack, so an error or Ctrl-C anywhere still stops every instance.
@@ -14,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pdcheck import report
 from pdcheck.cluster.deployment import Deployment
-from pdcheck.config import EngineSpec
+from pdcheck.config import DecodePrompt, EngineSpec
 from pdcheck.errors import BadInput
 from pdcheck.gate import check, leaks
 from pdcheck.repro import replay_command
@@ -31,12 +34,23 @@ def workload(args, spec: EngineSpec):
     return requests
 
 
+def make_deployment(args, spec: EngineSpec, run_dir, name: str):
+    """In-process engines, or with --serve `pdcheck serve` instances behind the proxy."""
+    if not args.serve:
+        return Deployment(spec, run_dir, name, None, *args.topology)
+    from pdcheck.cluster.served import ServedCluster
+
+    if spec.connector.decode_prompt is not DecodePrompt.ORIGINAL:
+        raise BadInput(f"--serve: the proxy gives decode the original prompt; {spec.connector.name} "
+                       f"expects it with prefill's first token (try --connector reference)")
+    return ServedCluster(spec, run_dir / name, *args.topology)
+
+
 def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) -> int:
     workloads = [workload(args, spec) for spec in specs]
     store = RunStore(args.runs_dir)
     stack.callback(store.close)
-    deployments = [Deployment(spec, store.folder, f"{i}-{spec.model.name}-{spec.dtype}", None, *args.topology)
-                   for i, spec in enumerate(specs)]
+    deployments = [make_deployment(args, spec, store.folder, f"{i}-{spec.model.name}-{spec.dtype}") for i, spec in enumerate(specs)]
     for deployment in deployments:
         stack.callback(deployment.close)
     console.print(f"run folder: {store.folder}")

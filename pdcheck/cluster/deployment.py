@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 
 from pdcheck.cluster.instance import Instance
+from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import EngineSpec, Role
 from pdcheck.connector.stats import Transfer, read_transfers
+from pdcheck.pd import PDResult, run_pd
 
 
 def cpu_plan(count: int) -> list[list[int]]:
@@ -46,6 +48,10 @@ class Deployment:
     def transfers(self) -> dict[str, Transfer]:
         """What connectors that keep a transfer log (`transfers-*.jsonl` in `{run_dir}`) recorded."""
         return read_transfers(sorted(self.folder.glob("transfers-*.jsonl")))
+
+    def run(self, requests: list[GenRequest], batch: int, deadline_s: float) -> list[PDResult]:
+        """The `batch`-th batch of requests through its pair's two legs."""
+        return run_pd(*self.pair(batch), self.spec.connector, requests, deadline_s)
 
     def pair(self, i: int) -> tuple[Instance, Instance]:
         p = len(self.prefills)

@@ -1,0 +1,250 @@
+"""The real deployment shape, owned: `pdcheck serve` processes (vLLM's OpenAI server) behind the
+PD proxy, on free loopback ports.
+
+`ServedInstance` owns one server process: its own session (so its whole process group can be
+signalled), killed if this process dies (PR_SET_PDEATHSIG), pinned to its CPUs, with caches
+under pdcheck's cache folder and TMPDIR in a short folder there (vLLM's server puts ZMQ IPC
+sockets in TMPDIR, and a socket path may not pass 107 bytes), removed when it stops. `ServedCluster` owns a proxy, xPyD instances heartbeating to it and a
+single-instance oracle; `close` stops them all, also after a failed start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from pdcheck.client import complete_all
+from pdcheck.cluster.deployment import cpu_plan
+from pdcheck.cluster.instance import cache_dir, free_port
+from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
+from pdcheck.cluster.serve import wait_healthy
+from pdcheck.config import EngineSpec, Role
+from pdcheck.connector.stats import Transfer, read_transfers
+from pdcheck.errors import InstanceFailed
+from pdcheck.pd import PDResult
+from pdcheck.proxy.server import Proxy, ProxySettings
+
+READY_TIMEOUT_S = 300.0
+STOP_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the process that started it ends."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ServedInstance:
+    def __init__(self, name: str, spec: EngineSpec, role: Role, run_dir: Path, cpus: list[int],
+                 proxy_heartbeat: str | None = None):
+        self.name, self.spec, self.role, self.run_dir, self.cpus = name, spec, role, run_dir, cpus
+        self.proxy_heartbeat = proxy_heartbeat
+        self.port, self.kv_port = free_port(), free_port()
+        self.folder = run_dir / "instances" / name
+        self.process: subprocess.Popen | None = None
+        self.tmp: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "server.log"
+
+    def command(self) -> list[str]:
+        spec = self.spec
+        argv = [sys.executable, "-m", "pdcheck.cli", "serve", "--role", self.role.value, "--model", str(spec.model),
+                "--dtype", spec.dtype, "--block-size", str(spec.block_size), "--max-model-len", str(spec.max_model_len),
+                "--port", str(self.port), "--run-dir", str(self.run_dir)]
+        if self.role is not Role.SINGLE:
+            argv += ["--connector", spec.connector.name, "--connector-config", json.dumps(dict(spec.connector.extra_config)),
+                     "--kv-port", str(self.kv_port), "--proxy", self.proxy_heartbeat, "--heartbeat-interval-s", "0.5"]
+        return argv
+
+    def start(self) -> ServedInstance:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (cache_dir() / "t").mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=cache_dir() / "t"))
+        env = os.environ | {"TMPDIR": str(self.tmp), "VLLM_CACHE_ROOT": str(cache_dir() / "vllm"),
+                            "TORCHINDUCTOR_CACHE_DIR": str(cache_dir() / "inductor")}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True, preexec_fn=die_with_parent)
+        os.sched_setaffinity(self.process.pid, self.cpus)
+        return self
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                self.close()
+                raise InstanceFailed(f"instance {self.name} exited with {self.process.returncode} while starting: "
+                                     f"{log_tail(self.log_path)} (log: {self.log_path})")
+            if wait_healthy(f"{self.url}/health", min(end, time.monotonic() + 1.0)):
+                return
+        self.close()
+        raise InstanceFailed(f"instance {self.name} did not answer /health within {timeout_s}s (log: {self.log_path})")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def generate(self, requests: list[GenRequest], deadline_s: float) -> list[GenResult]:
+        """The requests at once over HTTP (an oracle's interface, as pdcheck.cluster.instance has)."""
+        return complete_all(self.url, self.spec.model.name, requests, timeout_s=deadline_s)
+
+    def drain(self, timeout_s: float = 10.0) -> EngineState | None:
+        """What the server holds once idle (read from its Prometheus metrics), or None if it is
+        down. Polls until it holds nothing or the timeout passes."""
+        end = time.monotonic() + timeout_s
+        state = None
+        while self.alive:
+            state = engine_state(self.url)
+            if state is None or state.idle or time.monotonic() > end:
+                return state
+            time.sleep(0.2)
+        return None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive:
+            os.killpg(self.process.pid, sig)
+
+    def close(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Ask the server to stop (SIGTERM to its process group), kill it if it does not. Idempotent."""
+        if self.process is not None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.process.wait(grace_s)
+            with_group_gone(self.process.pid)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def engine_state(url: str) -> EngineState | None:
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        name = line.partition("{")[0].partition(" ")[0]
+        if name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"):
+            values[name] = values.get(name, 0.0) + float(line.rpartition(" ")[2])
+    return EngineState(kv_cache_usage=values.get("vllm:kv_cache_usage_perc", 0.0),
+                       running=int(values.get("vllm:num_requests_running", 0)),
+                       waiting=int(values.get("vllm:num_requests_waiting", 0)))
+
+
+def with_group_gone(pgid: int) -> None:
+    """Kill whatever is left of the process group (children the server started)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return " | ".join(text[-lines:]) or "no output"
+
+
+class ServedCluster:
+    """xPyD `pdcheck serve` instances behind a proxy, beside a single-instance oracle."""
+
+    def __init__(self, spec: EngineSpec, run_dir: Path, num_prefill: int = 1, num_decode: int = 1,
+                 settings: ProxySettings = ProxySettings(expiry_s=3.0, heartbeat_interval_s=0.5), policy=None):
+        self.spec, self.folder = spec, run_dir
+        prefill_params = dict(spec.connector.prefill_params)
+        self.proxy = Proxy(settings, policy, prefill_params)
+        cpus = iter(cpu_plan(1 + num_prefill + num_decode))
+        self.oracle = ServedInstance("oracle", spec.without_connector(), Role.SINGLE, run_dir, next(cpus))
+        self.num_prefill, self.num_decode, self.cpus = num_prefill, num_decode, cpus
+        self.prefills: list[ServedInstance] = []
+        self.decodes: list[ServedInstance] = []
+
+    @property
+    def instances(self) -> list[ServedInstance]:
+        return [self.oracle, *self.prefills, *self.decodes]
+
+    def add(self, role: Role) -> ServedInstance:
+        """Start one more instance of `role`; it joins by heartbeat once it is ready."""
+        group = self.prefills if role is Role.PREFILL else self.decodes
+        name = f"{role.value}{len(group)}"
+        cpus = next(self.cpus, None) or cpu_plan(len(self.instances) + 1)[-1]
+        instance = ServedInstance(name, self.spec, role, self.folder, cpus, self.proxy.heartbeat_address)
+        group.append(instance)
+        return instance.start()
+
+    @property
+    def topology(self) -> str:
+        return f"{self.num_prefill}P{self.num_decode}D"
+
+    def start(self) -> ServedCluster:
+        try:
+            self.proxy.start()
+            self.oracle.start()
+            for _ in range(self.num_prefill):
+                self.add(Role.PREFILL)
+            for _ in range(self.num_decode):
+                self.add(Role.DECODE)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> ServedCluster:
+        try:
+            for instance in self.instances:
+                instance.wait_ready(timeout_s)
+            self.wait_registered(timeout_s=10.0)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def run(self, requests: list[GenRequest], batch: int, deadline_s: float) -> list[PDResult]:
+        """A batch through the proxy, which picks the pair (`batch` is the in-process
+        deployments' pairing index, unused here)."""
+        results = complete_all(self.proxy.url, self.spec.model.name, requests, timeout_s=deadline_s)
+        return [PDResult(result=r, external_tokens=r.num_cached_tokens, prefill=GenResult(r.request_id))
+                for r in results]
+
+    def wait_registered(self, timeout_s: float) -> None:
+        """Until the proxy lists every live prefill and decode instance."""
+        want = {(i.role.value, f"127.0.0.1:{i.port}") for i in [*self.prefills, *self.decodes] if i.alive}
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            with urllib.request.urlopen(f"{self.proxy.url}/instances", timeout=2) as response:
+                listed = json.loads(response.read())
+            if want <= {(role, m["http_address"]) for role, members in listed.items() for m in members}:
+                return
+            time.sleep(0.1)
+        raise InstanceFailed(f"the proxy did not list {sorted(want)} within {timeout_s}s")
+
+    def transfers(self) -> dict[str, Transfer]:
+        return read_transfers(sorted(self.folder.glob("transfers-*.jsonl")))
+
+    def close(self) -> None:
+        for instance in self.instances:
+            instance.close()
+        self.proxy.stop()
+
+    def __enter__(self) -> ServedCluster:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,122 @@
+"""The real deployment shape: 2P2D `pdcheck serve` instances (vLLM's OpenAI server with the
+reference connector) behind the PD proxy, beside a single `pdcheck serve` oracle.
+
+Every request goes through the proxy over HTTP, once whole and once streamed, and must match
+the oracle token for token with bitwise-equal logprobs; streaming must equal non-streaming; every
+prompt longer than a block must have been loaded through the connector (decode's cached-token
+count and the transfer logs say so). Bad requests get a 4xx naming the problem and the proxy
+keeps serving. An instance that leaves mid-run loses no request (each completes or fails with a
+clear error within its deadline) and is no longer routed to once expired; one that joins
+starts getting requests.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import pytest
+
+from pdcheck.checker.compare import Outcome, Rule, judge
+from pdcheck.client import complete, complete_all
+from pdcheck.cluster.messages import GenRequest
+from pdcheck.config import EngineSpec, Role, connector_spec, model_path
+from pdcheck.workload.boundary import boundary_workload
+
+pytestmark = pytest.mark.vllm
+MODEL = "tiny-llama"
+DEADLINE_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def served(pd_run_dir):
+    from pdcheck.cluster.served import ServedCluster
+
+    spec = EngineSpec(model=model_path(MODEL), dtype="bfloat16", connector=connector_spec("reference"))
+    with ServedCluster(spec, pd_run_dir / "served-2p2d", num_prefill=2, num_decode=2) as cluster:
+        yield cluster
+
+
+def loads_by_file(cluster) -> dict[str, list[int]]:
+    """Per decode transfer log: the block count of each successful load, in order."""
+    found = {}
+    for path in sorted(cluster.folder.glob("transfers-*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        found[path.name] = [r["blocks"] for r in records if r["side"] == "load" and not r.get("error")]
+    return found
+
+
+def test_2p2d_through_the_proxy_matches_the_oracle_whole_and_streamed(served):
+    spec = served.spec
+    requests = boundary_workload(spec)
+    failures = []
+    for request in requests:
+        oracle = complete(served.oracle.url, MODEL, request, timeout_s=DEADLINE_S)
+        whole = complete(served.proxy.url, MODEL, request, timeout_s=DEADLINE_S)
+        streamed = complete(served.proxy.url, MODEL, request, stream=True, timeout_s=DEADLINE_S)
+        long = len(request.prompt) > spec.block_size
+        for how, result in (("whole", whole), ("streamed", streamed)):
+            verdict = judge(oracle, result, Rule.STRICT, 0.0, result.num_cached_tokens, expects_transfer=long)
+            if verdict.outcome is not Outcome.MATCH:
+                failures.append(f"len {len(request.prompt)} {how}: {verdict.outcome.value} {verdict.detail}")
+            if long and result.num_cached_tokens != len(request.prompt) - 1:
+                failures.append(f"len {len(request.prompt)} {how}: decode loaded {result.num_cached_tokens} tokens")
+        if (streamed.token_ids, streamed.logprobs) != (whole.token_ids, whole.logprobs):
+            failures.append(f"len {len(request.prompt)}: streamed output differs from the whole response")
+    assert not failures, "\n".join(failures)
+    # decode loads the blocks of all prompt tokens but the last; round-robin splits the 2N legs evenly
+    loads = {name: blocks for name, blocks in loads_by_file(served).items() if blocks}
+    expected = [-(-(len(r.prompt) - 1) // spec.block_size) for r in requests]
+    assert sorted(b for blocks in loads.values() for b in blocks) == sorted(expected * 2), loads
+    assert sorted(map(len, loads.values())) == [len(requests)] * 2, f"loads per decode: {loads}"
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "JSON"),
+    ({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "no-such-model", "prompt": [5, 6, 7], "max_tokens": 4}, 400, "no-such-model"),
+    ({"model": MODEL, "prompt": [5] * 300, "max_tokens": 4}, 400, "maximum context length"),
+])
+def test_bad_requests_get_a_4xx_naming_the_problem_and_the_proxy_keeps_serving(served, body, status, message):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    http = urllib.request.Request(f"{served.proxy.url}/v1/completions", data=data,
+                                  headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(http, timeout=DEADLINE_S)
+    text = refused.value.read().decode()
+    assert refused.value.code == status and message.lower() in text.lower(), text
+    good = boundary_workload(served.spec)[10]
+    assert complete(served.proxy.url, MODEL, good, timeout_s=DEADLINE_S).ok
+
+
+def test_decode_leaving_mid_run_loses_no_request_and_one_joining_gets_requests(served):
+    spec = served.spec
+    request = boundary_workload(spec)[12]
+    expected = complete(served.oracle.url, MODEL, request, timeout_s=DEADLINE_S)
+    burst = [GenRequest(f"leave-{i}", request.prompt, request.max_tokens) for i in range(8)]
+    leaving = served.decodes[1]
+    leaving.signal(signal.SIGTERM)  # graceful stop while the burst is in flight
+    started = time.monotonic()
+    results = complete_all(served.proxy.url, MODEL, burst, timeout_s=DEADLINE_S)
+    assert time.monotonic() - started < DEADLINE_S + 5
+    for r in results:  # each completes as the oracle's, or fails with a clear error; none hangs
+        assert not r.hung, r
+        assert r.token_ids == expected.token_ids if r.ok else r.error, r
+    leaving.close()
+    time.sleep(served.proxy.settings.expiry_s + 2 * served.proxy.settings.heartbeat_interval_s)
+    after = complete_all(served.proxy.url, MODEL, [GenRequest(f"after-{i}", request.prompt, request.max_tokens)
+                                                  for i in range(4)], timeout_s=DEADLINE_S)
+    assert all(r.ok and r.token_ids == expected.token_ids for r in after), after
+
+    joined = served.add(Role.DECODE)
+    joined.wait_ready()
+    served.wait_registered(timeout_s=10.0)
+    before = Counter({name: len(v) for name, v in loads_by_file(served).items()})
+    more = [GenRequest(f"join-{i}", request.prompt, request.max_tokens) for i in range(4)]
+    assert all(complete(served.proxy.url, MODEL, r, timeout_s=DEADLINE_S).token_ids == expected.token_ids for r in more)
+    gained = Counter({name: len(v) for name, v in loads_by_file(served).items()}) - before
+    assert gained.get(f"transfers-{joined.kv_port}.jsonl", 0) == 2, f"loads per transfer log: {gained}"
