@@ -37,6 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lengths", type=lengths_option, help="only prompts of these lengths, e.g. 64,65")
     run.add_argument("--topology", type=topology_option, default=(1, 1), help="xPyD, e.g. 2P2D (default 1P1D)")
     run.add_argument("--serve", action="store_true", help="`pdcheck serve` instances behind the proxy, over HTTP")
+    blackbox = run.add_argument_group("black-box mode: a deployment pdcheck did not start")
+    blackbox.add_argument("--target", help="the PD deployment's OpenAI-compatible URL")
+    blackbox.add_argument("--oracle", help="a single-node baseline's OpenAI-compatible URL")
+    blackbox.add_argument("--tokenizer", help="a local tokenizer, where the target has no /tokenize")
+    blackbox.add_argument("--max-requests", type=int, default=400, help="request budget, both endpoints")
+    blackbox.add_argument("--rate", type=float, default=20.0, help="requests per second at most")
+    blackbox.add_argument("--metrics", action="append", help="a vLLM server's URL whose /metrics show leaks (repeatable)")
+    blackbox.add_argument("--hook", action="append", help="N:COMMAND, run before workload request N (repeatable)")
+    blackbox.add_argument("--heal", action="append", help="N:COMMAND undoing a hook; every heal runs by the end")
+    blackbox.add_argument("--dry-run", action="store_true", help="print the plan; send no completion")
     run.add_argument("--runs-dir", type=Path, default=Path("runs"))
     bench = commands.add_parser("bench", help="benchmarks")
     which = bench.add_subparsers(dest="bench", required=True)
@@ -126,10 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # `kill -USR1`: every stack
     try:
         with ExitStack() as stack:
             stack.callback(stop_engine_server)
+            if args.command == "run" and (args.target or args.oracle):
+                from pdcheck.blackbox.runner import run_blackbox
+
+                return run_blackbox(args, stack, console)
             if args.command == "run":
                 from pdcheck.runner import run_gate
 

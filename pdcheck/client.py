@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from pdcheck.cluster.messages import GenRequest, GenResult
+from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
 
 
 def body(request: GenRequest, model: str, stream: bool) -> dict:
@@ -68,7 +68,7 @@ def events(response):
 
 def joined(request_id: str, chunks: list[dict]) -> GenResult:
     """One result from a response, or from a stream's chunks in order."""
-    result = GenResult(request_id=request_id)
+    result = GenResult(request_id=request_id, cached_tokens_reported=False)
     for chunk in chunks:
         if "error" in chunk:
             return GenResult(request_id=request_id, error=f"stream error: {error_message(json.dumps(chunk).encode())}")
@@ -78,8 +78,9 @@ def joined(request_id: str, chunks: list[dict]) -> GenResult:
             result.logprobs += logprobs.get("token_logprobs") or []
             result.top_logprobs += [{int(k.removeprefix("token_id:")): v for k, v in top.items()}
                                     for top in logprobs.get("top_logprobs") or []]
-        if chunk.get("usage"):
-            result.num_cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        details = (chunk.get("usage") or {}).get("prompt_tokens_details")
+        if details is not None:
+            result.num_cached_tokens, result.cached_tokens_reported = details.get("cached_tokens") or 0, True
         if chunk.get("kv_transfer_params") is not None:
             result.kv_transfer_params = chunk["kv_transfer_params"]
     return result
@@ -90,3 +91,20 @@ def error_message(raw: bytes) -> str:
         return json.loads(raw)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return raw.decode(errors="replace")[:500]
+
+
+def engine_state(url: str) -> EngineState | None:
+    """What a vLLM server holds, from its Prometheus metrics; None if they cannot be read."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        name = line.partition("{")[0].partition(" ")[0]
+        if name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"):
+            values[name] = values.get(name, 0.0) + float(line.rpartition(" ")[2])
+    return EngineState(kv_cache_usage=values.get("vllm:kv_cache_usage_perc", 0.0),
+                       running=int(values.get("vllm:num_requests_running", 0)),
+                       waiting=int(values.get("vllm:num_requests_waiting", 0)))

@@ -18,7 +18,7 @@ def print_summary(console: Console, configs: list[dict]) -> None:
         table.add_column(name, justify="left" if name in ("configuration", "rule") else "right")
     for cfg in configs:
         counts = Counter(c.counted for c in cfg["requests"])
-        drained = "leak" if cfg["leaks"] else "clean"
+        drained = cfg.get("drained") or ("leak" if cfg["leaks"] else "clean")
         table.add_row(cfg["config"], cfg["calibration"].rule.value, str(len(cfg["requests"])),
                       *(str(counts.get(name, 0)) for name in COLUMNS), drained)
     console.print(table)

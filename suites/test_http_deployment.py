@@ -93,6 +93,28 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_proxy_keeps_serving(s
     assert complete(served.proxy.url, MODEL, good, timeout_s=DEADLINE_S).ok
 
 
+def test_black_box_run_against_the_deployment_matches_and_records_a_pause_hook(served, tmp_path):
+    """`pdcheck run --target --oracle` on the running deployment: every phase and client fault
+    matches, nothing leaks, and the hook that pauses decode (and its heal) are in the history."""
+    from pdcheck.cli import main
+    from pdcheck.history import read_history
+
+    decode = served.decodes[0].process.pid
+    argv = ["run", "--target", served.proxy.url, "--oracle", served.oracle.url, "--runs-dir", str(tmp_path),
+            "--hook", f"3:kill -STOP {decode}", "--heal", f"3:sleep 0.5; kill -CONT {decode}"]
+    for instance in [*served.prefills, *served.decodes]:
+        if instance.alive:
+            argv += ["--metrics", instance.url]
+    assert main(argv) == 0
+    history = read_history(tmp_path / "latest" / "history.jsonl")
+    hooks = [(h["fault"], h["before_request"], h["returncode"]) for h in history if h.get("fault") in ("hook", "heal")]
+    assert hooks == [("hook", 3, 0), ("heal", 3, 0)]
+    faults = {h["fault"] for h in history if h.get("fault")}
+    assert {"abort-mid-stream", "disconnect"} <= faults
+    results = json.loads((tmp_path / "latest" / "results.json").read_text())
+    assert results["verdict"] == "valid" and {c["config"] for c in results["configs"]} >= {"repeated-concurrent", "client-faults"}
+
+
 def test_decode_leaving_mid_run_loses_no_request_and_one_joining_gets_requests(served):
     spec = served.spec
     request = boundary_workload(spec)[12]

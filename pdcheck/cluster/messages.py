@@ -32,6 +32,7 @@ class GenResult(msgspec.Struct):
     kv_transfer_params: dict[str, Any] | None = None
     error: str | None = None
     hung: bool = False
+    cached_tokens_reported: bool = True  # False where a server's answer does not say (HTTP without it)
 
     @property
     def ok(self) -> bool:

@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pdcheck.client import complete_all
+from pdcheck.client import complete_all, engine_state
 from pdcheck.cluster.deployment import cpu_plan
 from pdcheck.cluster.instance import cache_dir, free_port
 from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
@@ -131,22 +131,6 @@ class ServedInstance:
             with_group_gone(self.process.pid)
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def engine_state(url: str) -> EngineState | None:
-    try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
-    values = {}
-    for line in text.splitlines():
-        name = line.partition("{")[0].partition(" ")[0]
-        if name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"):
-            values[name] = values.get(name, 0.0) + float(line.rpartition(" ")[2])
-    return EngineState(kv_cache_usage=values.get("vllm:kv_cache_usage_perc", 0.0),
-                       running=int(values.get("vllm:num_requests_running", 0)),
-                       waiting=int(values.get("vllm:num_requests_waiting", 0)))
 
 
 def with_group_gone(pgid: int) -> None:

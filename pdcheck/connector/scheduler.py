@@ -41,7 +41,9 @@ class SchedulerHalf:
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params or {}
         prompt_len = len(request.prompt_token_ids or [])
-        if params.get("do_remote_decode") and request.request_id not in self.saves:
+        # decode loads all prompt tokens but the last: a 1-token prompt leaves it nothing to load,
+        # and KV saved for it would wait unpulled for hold_s, its blocks pinned
+        if params.get("do_remote_decode") and prompt_len > 1 and request.request_id not in self.saves:
             key = self.new_transfer_key(request)
             self.saves[request.request_id] = PendingSave(key, prompt_len, params.get("remote_decode"))
         if not params.get("do_remote_prefill"):
@@ -91,7 +93,7 @@ class SchedulerHalf:
         if num_computed + num_scheduled.get(req_id, 0) < pending.prompt_len:
             return None
         pending.issued = True
-        blocks = pending.block_ids[: math.ceil(pending.prompt_len / self.block_size)]
+        blocks = pending.block_ids[: math.ceil((pending.prompt_len - 1) / self.block_size)]  # what decode loads
         return SaveEntry(req_id, pending.transfer_key, blocks, pending.remote)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:

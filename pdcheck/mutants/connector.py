@@ -6,6 +6,9 @@ Each is a P2PConnector with one half swapped, loadable as
 
 from __future__ import annotations
 
+import torch
+
+from pdcheck.connector.layouts import extract, inject
 from pdcheck.connector.plugin import P2PConnector
 from pdcheck.connector.scheduler import SchedulerHalf
 from pdcheck.connector.worker import WorkerHalf, log
@@ -36,3 +39,23 @@ class SkipMissingKV(P2PConnector):
     runs on whatever the blocks held (silent corruption)."""
 
     worker_class = SkipMissingWorker
+
+
+class CorruptOnLoadWorker(WorkerHalf):
+    def load(self, entries, layers) -> None:
+        super().load(entries, layers)
+        for entry in entries:
+            for cache in layers.values():
+                first = entry.block_ids[:1]
+                if first:
+                    block = extract(cache, self.config.layout, first)
+                    noise = torch.randn(block.shape, generator=torch.Generator().manual_seed(first[0]))
+                    inject(cache, self.config.layout, first, noise.to(block.dtype))
+
+
+class CorruptOnLoad(P2PConnector):
+    """KV damaged on its way into decode's cache with nothing to notice (as a receive buffer
+    written on the wrong CUDA stream, vLLM #6459): the first loaded block of every request is
+    noise. Plausible tokens, wrong ones."""
+
+    worker_class = CorruptOnLoadWorker
