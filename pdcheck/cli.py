@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     proxy_bench.add_argument("--warmup", type=int, default=30)
     add_proxy_parser(commands)
     add_serve_parser(commands)
+    repro = commands.add_parser("repro", help="replay a failure saved by `pdcheck run` (repro-*.json)")
+    repro.add_argument("file", type=Path)
+    repro.add_argument("--shrink", action="store_true", help="drop earlier requests while it still fails")
+    repro.add_argument("--runs-dir", type=Path, default=Path("runs"))
     return parser
 
 
@@ -148,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                 from pdcheck.runner import run_gate
 
                 return run_gate(args, engine_specs(args), stack, console)
+            if args.command == "repro":
+                from pdcheck.reproducer import run_repro
+
+                return run_repro(args, stack, console)
             if args.command == "serve":
                 from pdcheck.cluster.serve import serve
 

@@ -21,6 +21,8 @@ from pdcheck.config import DecodePrompt, EngineSpec
 from pdcheck.errors import BadInput
 from pdcheck.gate import check, leaks
 from pdcheck.repro import replay_command
+from pdcheck.reproducer import make_repro
+from pdcheck.reproducer import write as write_repro
 from pdcheck.store import RunStore
 from pdcheck.workload.boundary import boundary_workload
 
@@ -70,17 +72,20 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
             deployment.close()
             configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked,
                             "leaks": leaked})
-    failures = [(spec, cfg["requests"], c) for spec, cfg in zip(specs, configs) for c in cfg["requests"] if not c.passed]
+    failures = [(spec, sent, cfg["requests"], c) for spec, sent, cfg in zip(specs, workloads, configs)
+                for c in cfg["requests"] if not c.passed]
     leaked = [f"{cfg['config']} {leak}" for cfg in configs for leak in cfg["leaks"]]
     verdict = "valid" if not failures and not leaked else "invalid"
     store.write_results({"verdict": verdict, "configs": configs})
     report.print_summary(console, configs)
     report.print_known_defects(console, configs)
-    for spec, sent, c in failures:
+    for spec, sent, judged, c in failures:
         console.print(report.failure_line(c), markup=False, highlight=False)
-        lengths = [s.prompt_len for s in sent[: sent.index(c) + 1]]
-        replay = replay_command(spec, args.seed, args.max_tokens, lengths)
-        console.print(f"  replay: {replay}", markup=False, highlight=False)
+        index = judged.index(c)
+        replay = replay_command(spec, args.seed, args.max_tokens, [r.prompt_len for r in judged[: index + 1]])
+        repro = make_repro(spec, args.topology, args.seed, sent[: index + 1], c.counted, c.verdict.detail)
+        path = write_repro(repro, store.folder / f"repro-{len(sent[index].prompt)}-{spec.model.name}-{spec.dtype}.json")
+        console.print(f"  replay: {replay}\n  reproduce: pdcheck repro {path}", markup=False, highlight=False)
     for leak in leaked:
         console.print(f"leak after drain: {leak}", markup=False, highlight=False)
     console.print(f"verdict: {verdict}   results: {store.folder / 'results.json'}", markup=False)

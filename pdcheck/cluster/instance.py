@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import socket
@@ -62,10 +63,27 @@ def engine_context():
 
 
 def free_port() -> int:
-    """A loopback port that was free a moment ago (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that was free a moment ago, drawn below the kernel's ephemeral range: an
+    instance binds its port seconds later, and a port the kernel hands out for outgoing
+    connections and port-0 binds could be taken by then."""
+    low = ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 16384), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise InstanceFailed(f"no free loopback port below {low}")
+
+
+def ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def stop_engine_server(timeout_s: float = 10.0) -> None:

@@ -1,0 +1,53 @@
+"""Reproducers: a failing `pdcheck run` writes repro-*.json with a `pdcheck repro` line; the
+replay shows the same failure (exit 0), shrinking keeps only the requests it needs, and a repro
+whose connector is no longer broken says it did not reproduce (exit 1). Bad repro files are
+refused with exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdcheck.cli import main
+from pdcheck.reproducer import read, write
+
+BROKEN = ["--connector", "pdcheck.mutants.connector:CorruptOnLoad", "--connector-config", '{"port": "{port}"}',
+          "--model", "tiny-llama", "--dtype", "bfloat16"]
+
+
+@pytest.mark.vllm
+def test_a_failure_replays_shrinks_and_says_when_it_no_longer_fails(tmp_path, capfd):
+    runs = tmp_path / "runs"
+    assert main(["run", *BROKEN, "--lengths", "33,65", "--runs-dir", str(runs)]) == 1
+    out = capfd.readouterr().err
+    path = runs / "latest" / "repro-65-tiny-llama-bfloat16.json"
+    assert f"pdcheck repro {runs.resolve() if False else ''}" in out and path.name in out, out
+    repro = read(path)
+    assert [len(r.prompt) for r in repro.requests] == [33, 65] and repro.outcome == "diverged"
+
+    assert main(["repro", str(path), "--shrink", "--runs-dir", str(runs)]) == 0
+    out = capfd.readouterr().err
+    assert "reproduced: diverged" in out and "shrunk from 2 to 1 requests" in out, out
+    assert [len(r.prompt) for r in read(path.with_name(path.stem + ".min.json")).requests] == [65]
+
+    fixed = dict(repro.connector, name="pdcheck.connector.plugin:P2PConnector")
+    write(type(repro)(**{**{f: getattr(repro, f) for f in repro.__struct_fields__}, "connector": fixed}),
+          tmp_path / "fixed.json")
+    assert main(["repro", str(tmp_path / "fixed.json"), "--runs-dir", str(runs)]) == 1
+    assert "did not reproduce: the request now ends as match" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{}", "not a pdcheck repro"),
+    ("[1, 2]", "not a pdcheck repro"),
+])
+def test_bad_repro_files_are_refused(tmp_path, capfd, content, message):
+    path = tmp_path / "repro.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["repro", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert message in capfd.readouterr().err
+    assert not (tmp_path / "runs").exists()
