@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     repro = commands.add_parser("repro", help="replay a failure saved by `pdcheck run` (repro-*.json)")
     repro.add_argument("file", type=Path)
     repro.add_argument("--shrink", action="store_true", help="drop earlier requests while it still fails")
+    repro.add_argument("--export", type=Path, help="also write a standalone script (vLLM and torch only)")
     repro.add_argument("--runs-dir", type=Path, default=Path("runs"))
     return parser
 

@@ -11,6 +11,9 @@ failure still shows.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import inspect
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +21,7 @@ from pathlib import Path
 import msgspec
 
 from pdcheck.cluster.messages import GenRequest
-from pdcheck.config import ConnectorSpec, DecodePrompt, EngineSpec, model_path
+from pdcheck.config import FIXTURES, ConnectorSpec, DecodePrompt, EngineSpec, model_path
 from pdcheck.errors import BadInput
 
 VERSION = 1
@@ -100,27 +103,34 @@ def shrink(repro: Repro, fails: Callable[[list[GenRequest]], bool]) -> Repro:
 
 
 def reproduced(checked, repro: Repro) -> bool:
-    return not checked.passed and checked.counted == repro.outcome
+    """The last request failed as recorded (a known defect counts: the file says what it saw)."""
+    return repro.outcome != "match" and checked.verdict.outcome.value == repro.outcome
 
 
 def run_repro(args, stack, console) -> int:
-    """`pdcheck repro FILE [--shrink]`: 0 if the failure shows again, 1 if it no longer does."""
+    """`pdcheck repro FILE [--shrink] [--export SCRIPT]`: 0 if the failure shows again, 1 if it
+    no longer does."""
     from itertools import count
 
     from pdcheck.store import RunStore
 
     repro = read(args.file)
     spec = repro.spec
+    if args.export:
+        export(repro, args.export)  # refuses what it cannot export before anything runs
     store = RunStore(args.runs_dir)
     stack.callback(store.close)
     console.print(f"replaying {len(repro.requests)} requests on {spec.label} with {spec.connector.name} "
                   f"({repro.topology[0]}P{repro.topology[1]}D); recorded: {repro.outcome}", markup=False)
     checked = replay(repro, store.folder, "replay", store.history)
     if not reproduced(checked, repro):
-        console.print(f"did not reproduce: the request now ends as {checked.counted} (recorded: {repro.outcome})",
+        console.print(f"did not reproduce: the request now ends as {checked.verdict.outcome.value} "
+                      f"(recorded: {repro.outcome})",
                       markup=False)
         return 1
-    console.print(f"reproduced: {checked.counted} {checked.verdict.detail}", markup=False)
+    console.print(f"reproduced: {checked.verdict.outcome.value} {checked.verdict.detail}", markup=False)
+    if args.export:
+        console.print(f"standalone script: python {args.export}", markup=False)
     if args.shrink:
         attempts = count()
 
@@ -133,3 +143,44 @@ def run_repro(args, stack, console) -> int:
         console.print(f"shrunk from {len(repro.requests)} to {len(smaller.requests)} requests in "
                       f"{next(attempts)} replays: pdcheck repro {path}", markup=False)
     return 0
+
+
+def export(repro: Repro, path: Path) -> Path:
+    """A standalone script (vLLM and torch only) that fails the way the repro does."""
+    from pdcheck import repro_script
+
+    spec, connector = repro.spec, repro.spec.connector
+    module = connector.module_path or ""
+    if module.split(".")[0] == "pdcheck" or connector.module_dir:
+        raise BadInput(f"--export: connector {connector.name} is not importable without pdcheck; "
+                       f"an exported script can name vLLM's connectors or an installed module")
+    config, seed, recipe = model_recipe(spec.model)
+    params = {
+        "config": config, "seed": seed, "recorded": f"{repro.outcome}: {repro.detail}",
+        "engine": {"dtype": spec.dtype, "block_size": spec.block_size, "max_model_len": spec.max_model_len,
+                   "prefix_caching": spec.prefix_caching, "num_blocks": spec.num_blocks},
+        "kv_transfer_config": connector.kv_transfer_config("{run_dir}", "{port}"),
+        "prefill_params": dict(connector.prefill_params), "decode_prompt": connector.decode_prompt.value,
+        "requests": [[r.prompt, r.max_tokens] for r in repro.requests],
+    }
+    text = "\n\n".join([
+        "#!/usr/bin/env python3\n" + inspect.getsource(repro_script).rstrip(),
+        "# -- the tiny model's weights, from its config and seed --\nimport math\n\n" + recipe,
+        f"PARAMS = json.loads({json.dumps(json.dumps(params))})",
+        'if __name__ == "__main__":\n    sys.exit(main(PARAMS, make_weights))\n',
+    ])
+    path.write_text(text)
+    return path
+
+
+def model_recipe(model: Path) -> tuple[dict, int, str]:
+    """An embedded model's config, seed and the source of its weight recipe."""
+    spec = importlib.util.spec_from_file_location("pdcheck_make_models", FIXTURES.parent / "make_models.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    names = sorted(maker.MODELS)
+    if model.parent != FIXTURES or model.name not in names:
+        raise BadInput(f"--export: {model} is not an embedded model; an exported script makes its model inline, "
+                       f"so it can only carry tiny-llama or tiny-qwen3-moe")
+    functions = [maker.parameter_shapes, maker.mlp_shapes, maker.moe_shapes, maker.make_weights]
+    return maker.MODELS[model.name], maker.SEED + names.index(model.name), "\n\n".join(map(inspect.getsource, functions))

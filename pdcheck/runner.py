@@ -83,7 +83,7 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
         console.print(report.failure_line(c), markup=False, highlight=False)
         index = judged.index(c)
         replay = replay_command(spec, args.seed, args.max_tokens, [r.prompt_len for r in judged[: index + 1]])
-        repro = make_repro(spec, args.topology, args.seed, sent[: index + 1], c.counted, c.verdict.detail)
+        repro = make_repro(spec, args.topology, args.seed, sent[: index + 1], c.verdict.outcome.value, c.verdict.detail)
         path = write_repro(repro, store.folder / f"repro-{len(sent[index].prompt)}-{spec.model.name}-{spec.dtype}.json")
         console.print(f"  replay: {replay}\n  reproduce: pdcheck repro {path}", markup=False, highlight=False)
     for leak in leaked:

@@ -7,10 +7,12 @@ refused with exit 2.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from pdcheck.cli import main
+from pdcheck.cluster.messages import GenRequest
 from pdcheck.reproducer import read, write
 
 BROKEN = ["--connector", "pdcheck.mutants.connector:CorruptOnLoad", "--connector-config", '{"port": "{port}"}',
@@ -51,3 +53,50 @@ def test_bad_repro_files_are_refused(tmp_path, capfd, content, message):
     assert main(["repro", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
     assert message in capfd.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def example_connector_repro(tmp_path):
+    """ExampleConnector's known defect as a repro: a 64-token prompt (2 blocks) fails on decode."""
+    from pdcheck.config import EngineSpec, connector_spec, model_path
+    from pdcheck.reproducer import make_repro
+    from pdcheck.workload.boundary import boundary_workload
+
+    spec = EngineSpec(model=model_path("tiny-llama"), dtype="float32", connector=connector_spec("ExampleConnector"))
+    requests = [r for r in boundary_workload(spec) if len(r.prompt) == 64]
+    return write(make_repro(spec, (1, 1), 0, requests, "error", "FileNotFoundError on decode"), tmp_path / "ex.json")
+
+
+def test_export_writes_a_script_that_needs_no_pdcheck(tmp_path):
+    from pdcheck.reproducer import export
+
+    script = export(read(example_connector_repro(tmp_path)), tmp_path / "repro_script.py")
+    text = script.read_text()
+    compile(text, str(script), "exec")
+    assert "import pdcheck" not in text and "from pdcheck" not in text
+    assert "ExampleConnector" in text and "def make_weights" in text
+
+
+def test_export_refuses_a_connector_that_needs_pdcheck(tmp_path, capfd):
+    from pdcheck.config import EngineSpec, connector_spec, model_path
+    from pdcheck.reproducer import make_repro
+
+    spec = EngineSpec(model=model_path("tiny-llama"), connector=connector_spec("reference"))
+    path = write(make_repro(spec, (1, 1), 0, [GenRequest("r", [5, 6], 4)], "error", ""), tmp_path / "ref.json")
+    assert main(["repro", str(path), "--export", str(tmp_path / "s.py"), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "not importable without pdcheck" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_the_exported_script_fails_the_same_way_on_its_own(tmp_path):
+    """Run the script as a user would (its own process, no pdcheck import): it reports the
+    FileNotFoundError and exits 1."""
+    import subprocess
+    import sys
+
+    from pdcheck.reproducer import export
+
+    script = export(read(example_connector_repro(tmp_path)), tmp_path / "repro_script.py")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 1 and "REPRODUCED" in done.stdout and "FileNotFoundError" in done.stdout, done.stdout
