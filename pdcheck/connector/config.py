@@ -1,7 +1,8 @@
 """The reference connector's settings, read from vLLM's kv_connector_extra_config.
 
-Keys: port (required), host, mode (get | put | put_async), layout, deadline_s, hold_s,
-buffer_bytes, spill_bytes, stats_path (a file for the transfer log; none by default). Bad values raise ValueError naming the key and the value.
+Keys: port (required), host, mode (get | put | put_async), plane (tcp | nccl), layout, deadline_s,
+hold_s, buffer_bytes, spill_bytes, stats_path (a file for the transfer log; none by default). Bad
+values raise ValueError naming the key and the value.
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ class Mode(enum.Enum):
     GET = "get"  # decode pulls from prefill's outbox
 
 
+class Plane(enum.Enum):
+    TCP = "tcp"  # host memory: ZMQ control, bytes on plain TCP data connections
+    NCCL = "nccl"  # GPU to GPU: the same ZMQ control, bytes over NCCL (CUDA KV caches only)
+
+
 @dataclasses.dataclass(frozen=True)
 class P2PConfig:
     port: int
     host: str = "127.0.0.1"
     mode: Mode = Mode.GET
+    plane: Plane = Plane.TCP
     layout: KVLayout = KVLayout.BLOCKS_FIRST
     deadline_s: float = 10.0
     hold_s: float = 120.0
@@ -34,6 +41,8 @@ class P2PConfig:
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port!r}: expected 1-65535")
+        if not isinstance(self.plane, Plane):
+            raise ValueError(f"plane {self.plane!r}: expected one of {[p.value for p in Plane]}")
         for name in ("deadline_s", "hold_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} {getattr(self, name)!r}: must be positive")
@@ -63,6 +72,8 @@ def convert(key: str, raw: Any):
     try:
         if key == "mode":
             return Mode(raw)
+        if key == "plane":
+            return Plane(raw)
         if key == "layout":
             return KVLayout(raw)
         if key in ("port", "buffer_bytes", "spill_bytes"):

@@ -19,6 +19,9 @@ listener.
     prefill ==Blocks(key, ...) + bytes=> decode    data connection
     prefill <==Ack(key)================= decode    stored under key
   either <--ErrorReply(key, message)--- either     refused: unknown key, full, malformed
+
+On the NCCL plane (pdcheck.connector.nccl_plane) the Hello also carries the NCCL id the client
+made, and the bytes go over that communicator instead of a data connection.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ VERSION = 2
 class Hello(msgspec.Struct, tag=True, frozen=True):
     peer: str  # who is asking, for the server's log lines
     version: int = VERSION
+    nccl_id: bytes | None = None  # the NCCL plane's 128-byte communicator id; None on the TCP plane
 
 
 class Welcome(msgspec.Struct, tag=True, frozen=True):

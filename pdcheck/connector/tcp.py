@@ -107,6 +107,8 @@ class KVServer:
             if len(frames) != 1:
                 raise ProtocolError(f"{len(frames) - 1} data frames on the control socket")
             if isinstance(message, Hello):
+                if message.nccl_id is not None:
+                    raise ProtocolError(f"{message.peer} offered NCCL: this peer's data plane is tcp")
                 return Welcome(self.data_port)
             if isinstance(message, Pull):
                 return self.announced(message.transfer_key)

@@ -2,10 +2,11 @@
 
 Save (prefill): at the end of the step that completes a prompt, the request's blocks are
 copied out of every layer at once (so no later reuse of those blocks can change what is sent)
-into one tensor [layers, blocks, ...]. GET leaves it in the Outbox for decode to pull; PUT
-pushes it inline; PUT_ASYNC hands the copy to the send thread.
-Load (decode): fetch (pull, or take from the Inbox) with a deadline, then inject into the
+into one tensor [layers, blocks, ...], on the caller's stream. GET offers it on the data plane
+for decode to pull; PUT pushes it inline; PUT_ASYNC hands the copy to the send thread.
+Load (decode): fetch (pull, or take what was pushed) with a deadline, then inject into the
 request's blocks. A load that fails reports its block ids; it is never skipped silently.
+The data plane (config.plane: TCP or NCCL, pdcheck.connector.planes) moves the bytes.
 A request counts as done sending once its KV has left and the scheduler has finished it.
 Every save and load is written to the transfer log (pdcheck.connector.stats) when one is set.
 """
@@ -19,14 +20,12 @@ import time
 
 import msgspec
 import torch
-import zmq
 
-from pdcheck.connector.buffers import Inbox, Outbox
 from pdcheck.connector.config import Mode, P2PConfig
 from pdcheck.connector.layouts import extract, inject
+from pdcheck.connector.planes import DataPlane, make_plane
 from pdcheck.connector.protocol import ProtocolError
 from pdcheck.connector.stats import TransferLog, TransferRecord
-from pdcheck.connector.tcp import KVClient, KVServer, to_frame
 
 log = logging.getLogger("pdcheck.connector")
 
@@ -50,8 +49,8 @@ class LoadEntry(msgspec.Struct, frozen=True):
 
 
 def check_fits(entry: LoadEntry, data: torch.Tensor, layers: dict[str, torch.Tensor], layout) -> None:
-    """Refuse KV that does not fit this cache (other model, dtype, block size or layout), so
-    it fails as a load error instead of being written in."""
+    """Refuse KV that does not fit this cache (other model, dtype, block size, layout or
+    device), so it fails as a load error instead of being written in."""
     cache = layers[min(layers)]
     block = list(extract(cache, layout, [0]).shape[1:])
     need = [len(layers), entry.first_block + len(entry.block_ids), *block]
@@ -59,18 +58,16 @@ def check_fits(entry: LoadEntry, data: torch.Tensor, layers: dict[str, torch.Ten
     if data.dtype != cache.dtype or got[:1] + got[2:] != need[:1] + need[2:] or got[1] < need[1]:
         raise ProtocolError(f"{entry.transfer_key}: peer sent {got} {data.dtype}, this cache needs "
                             f"{need} {cache.dtype} (layers, blocks, one block)")
+    if data.device != cache.device:
+        raise ProtocolError(f"{entry.transfer_key}: KV arrived on {data.device}, this cache is on {cache.device}")
 
 
 class WorkerHalf:
-    def __init__(self, config: P2PConfig, client_factory=KVClient):
-        """`client_factory(context)` makes this half's clients: the seam where faults enter."""
+    def __init__(self, config: P2PConfig, client_factory=None):
+        """`client_factory(context)` makes the plane's client (by default the plane's own
+        KVClient or NcclClient): the seam where wire faults enter."""
         self.config = config
-        self.context = zmq.Context()
-        self.outbox = Outbox(config.hold_s)
-        self.inbox = Inbox(config.buffer_bytes, config.spill_bytes)
-        self.server = KVServer(self.context, config.address, self.outbox, self.inbox, config.deadline_s).start()
-        self.client_factory = client_factory
-        self.client = self.new_client()
+        self.plane = self.make_plane(client_factory)
         self.log = TransferLog(config.stats_path)
         self.layers: dict[str, torch.Tensor] = {}
         self.load_errors: set[int] = set()
@@ -83,10 +80,9 @@ class WorkerHalf:
             self.sender = threading.Thread(target=self.send_loop, name="pdcheck-kv-sender", daemon=True)
             self.sender.start()
 
-    def new_client(self) -> KVClient:
-        client = self.client_factory(self.context)
-        client.name, client.max_bytes = self.config.address, self.config.buffer_bytes + self.config.spill_bytes
-        return client
+    def make_plane(self, client_factory) -> DataPlane:
+        """The plane config.plane names: the seam where a variant swaps in its own."""
+        return make_plane(self.config, client_factory)
 
     # -- save (prefill) ------------------------------------------------------------------
     def record_layer(self, name: str, cache: torch.Tensor) -> None:
@@ -96,27 +92,25 @@ class WorkerHalf:
         for entry in entries:
             data = torch.stack([extract(self.layers[n], self.config.layout, entry.block_ids) for n in sorted(self.layers)])
             self.log.record(TransferRecord(entry.transfer_key, "save", len(entry.block_ids), data.nbytes, 0.0))
+            staged = self.plane.stage(entry.transfer_key, data)
             if self.config.mode is Mode.GET:
-                self.outbox.put(entry.transfer_key, entry.request_id, to_frame(entry.transfer_key, data))
+                self.plane.offer(entry.transfer_key, entry.request_id, staged)
             elif self.config.mode is Mode.PUT:
-                self.push(entry, data)
+                self.push(entry, staged)
             else:
-                self.sends.put((entry, data))
+                self.sends.put((entry, staged))
 
-    def push(self, entry: SaveEntry, data: torch.Tensor) -> None:
-        client = self.client if threading.current_thread() is not self.sender else self.sender_client
+    def push(self, entry: SaveEntry, staged) -> None:
         try:
-            client.push(entry.remote, entry.transfer_key, data, self.config.deadline_s)
+            self.plane.push(entry.remote, entry.transfer_key, staged)
         except (TimeoutError, ProtocolError) as e:
             log.error("push of %s to %s failed: %s", entry.transfer_key, entry.remote, e)
         with self.lock:
             self.sent.add(entry.request_id)
 
     def send_loop(self) -> None:
-        self.sender_client = self.new_client()
         while (item := self.sends.get()) is not None:
             self.push(*item)
-        self.sender_client.close()
 
     # -- load (decode) -------------------------------------------------------------------
     def load(self, entries: list[LoadEntry], layers: dict[str, torch.Tensor]) -> None:
@@ -142,17 +136,14 @@ class WorkerHalf:
 
     def fetch(self, entry: LoadEntry) -> torch.Tensor:
         if self.config.mode is Mode.GET:
-            return self.client.pull(entry.remote, entry.transfer_key, self.config.deadline_s)
-        data = self.inbox.take(entry.transfer_key, self.config.deadline_s)
-        if data is None:
-            raise TimeoutError(f"{entry.transfer_key} was not pushed within {self.config.deadline_s}s")
-        return data
+            return self.plane.pull(entry.remote, entry.transfer_key)
+        return self.plane.take(entry.transfer_key)
 
     # -- bookkeeping ---------------------------------------------------------------------
     def finished(self, finished_req_ids: set[str]) -> set[str]:
         """Requests done sending: their KV left, and the scheduler has finished them."""
         with self.lock:
-            self.sent |= self.outbox.finished()
+            self.sent |= self.plane.finished()
             self.finished_by_scheduler |= finished_req_ids
             done = self.sent & self.finished_by_scheduler
             self.sent -= done
@@ -167,6 +158,4 @@ class WorkerHalf:
         if self.sender is not None:
             self.sends.put(None)
             self.sender.join(self.config.deadline_s + 1)
-        self.server.stop()
-        self.client.close()
-        self.context.term()
+        self.plane.close()

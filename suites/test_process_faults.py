@@ -1,0 +1,81 @@
+"""Process faults: an instance paused (SIGSTOP) in the middle of a transfer, then resumed.
+
+Prefill is paused right after its leg, so decode's pull meets a peer that accepts the
+connection and says nothing. The pull must end at the connector's deadline (1 s): with vLLM's
+`fail` policy the request is a clean error, with `recompute` it matches the oracle. Once
+prefill resumes, the next requests match, and after the drain nothing is held: the KV nobody
+pulled is dropped after `hold_s` (3 s here) and its blocks freed. Every fault is written to the
+history with its window. Decode paused between the legs only delays the request.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from pdcheck.checker.compare import Outcome, Rule, judge
+from pdcheck.cluster.deployment import Deployment
+from pdcheck.config import EngineSpec, connector_spec, model_path
+from pdcheck.gate import check, leaks
+from pdcheck.history import History
+from pdcheck.pd import decode_request, prefill_request
+from pdcheck.workload.boundary import boundary_workload
+
+pytestmark = pytest.mark.vllm
+DEADLINE_S, HOLD_S = 1, 3
+
+
+class Paused:
+    """SIGSTOP an instance's process for the block's duration (SIGCONT on the way out, always),
+    recorded in the history as a fault with its window."""
+
+    def __init__(self, instance, history: History):
+        self.instance, self.history = instance, history
+
+    def __enter__(self):
+        os.kill(self.instance.process.pid, signal.SIGSTOP)
+        self.history.record("note", fault="pause", instance=self.instance.name, phase="inject")
+
+    def __exit__(self, *exc):
+        os.kill(self.instance.process.pid, signal.SIGCONT)
+        self.history.record("note", fault="pause", instance=self.instance.name, phase="heal")
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_prefill_paused_during_the_pull_ends_in_time_and_leaves_nothing_held(policy, pd_run_dir, pd_history):
+    settings = f'{{"deadline_s": {DEADLINE_S}, "hold_s": {HOLD_S}, "kv_load_failure_policy": "{policy}"}}'
+    spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference", settings))
+    requests = boundary_workload(spec)
+    victim = requests[6]  # 95 tokens: three blocks
+    with Deployment(spec, pd_run_dir, f"pause-prefill-{policy}") as deployment:
+        prefill, decode = deployment.pair(0)
+        expected = deployment.oracle.generate([victim], 30)[0]
+        prefilled = prefill.generate([prefill_request(victim, spec.connector, decode)], 30)[0]
+        with Paused(prefill, pd_history):
+            started = time.monotonic()
+            decoded = decode.generate([decode_request(victim, prefilled, spec.connector)], 30)[0]
+            elapsed = time.monotonic() - started
+        assert elapsed < DEADLINE_S + 5, f"decode took {elapsed:.1f}s against a {DEADLINE_S}s deadline"
+        verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expects_transfer=False)
+        want = Outcome.ERROR if policy == "fail" else Outcome.MATCH
+        assert verdict.outcome is want and not decoded.hung, (verdict, decoded)
+        _, checked = check(deployment, requests[:9], pd_history)
+        assert all(c.verdict.outcome is Outcome.MATCH for c in checked), [c.verdict for c in checked]
+        assert leaks(deployment, pd_history, timeout_s=HOLD_S + 7) == []
+
+
+def test_decode_paused_between_the_legs_only_delays_the_request(pd_run_dir, pd_history):
+    spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference"))
+    request = boundary_workload(spec)[7]
+    with Deployment(spec, pd_run_dir, "pause-decode") as deployment:
+        prefill, decode = deployment.pair(0)
+        expected = deployment.oracle.generate([request], 30)[0]
+        prefilled = prefill.generate([prefill_request(request, spec.connector, decode)], 30)[0]
+        with Paused(decode, pd_history):
+            time.sleep(2)
+        decoded = decode.generate([decode_request(request, prefilled, spec.connector)], 30)[0]
+        assert decoded.ok and decoded.token_ids == expected.token_ids and decoded.num_cached_tokens == len(request.prompt) - 1
+        assert leaks(deployment, pd_history) == []
