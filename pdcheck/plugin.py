@@ -4,7 +4,8 @@
 
 Options: --pd-connector (a vLLM built-in name, module:Class or file.py:Class),
 --pd-connector-config (JSON), --pd-decode-prompt, --pd-model and --pd-dtype (repeatable),
---runslow. Markers: gpu, multi_gpu(n), slow, vllm. Tests that need what this machine lacks
+--runslow; black-box mode against a running deployment: --pd-target, --pd-oracle, --pd-metrics
+(suites/test_blackbox.py runs `pdcheck run --target --oracle` on them). Markers: gpu, multi_gpu(n), slow, vllm. Tests that need what this machine lacks
 (vLLM, a GPU, n GPUs) are skipped with the reason. Under pytest-xdist each worker has its own
 run folder, so instances never share folders.
 """
@@ -30,6 +31,9 @@ def pytest_addoption(parser):
     group.addoption("--pd-model", action="append", default=None, help="model folder or embedded name")
     group.addoption("--pd-dtype", action="append", default=None, choices=DTYPES)
     group.addoption("--runslow", action="store_true", help="run tests marked slow")
+    group.addoption("--pd-target", default=None, help="black-box: a PD deployment's OpenAI-compatible URL")
+    group.addoption("--pd-oracle", default=None, help="black-box: its single-node baseline's URL")
+    group.addoption("--pd-metrics", action="append", default=None, help="black-box: a vLLM server's URL behind the target")
 
 
 def pytest_configure(config):

@@ -57,9 +57,9 @@ def http_server():
         server.server_close()
 
 
-def run(tmp_path, capsys, *argv) -> tuple[int, str]:
+def run(tmp_path, capture, *argv) -> tuple[int, str]:
     code = main(["run", "--runs-dir", str(tmp_path / "runs"), *argv])
-    return code, capsys.readouterr().err
+    return code, capture.readouterr().err
 
 
 def test_bad_endpoints_are_refused_before_any_load(http_server, tmp_path, capsys):
@@ -96,3 +96,13 @@ def test_a_broken_connector_behind_the_target_is_caught_from_outside(pd_run_dir,
     results = json.loads((tmp_path / "runs" / "latest" / "results.json").read_text())
     outcomes = [r["verdict"]["outcome"] for c in results["configs"] for r in c["requests"]]
     assert outcomes.count("diverged") >= len(outcomes) // 2, outcomes
+
+
+def test_the_deployment_named_by_the_options_matches_its_oracle(pytestconfig, tmp_path, capfd):
+    """`pytest suites/test_blackbox.py --pd-target URL --pd-oracle URL [--pd-metrics URL ...]`."""
+    target, oracle = pytestconfig.getoption("--pd-target"), pytestconfig.getoption("--pd-oracle")
+    if not (target and oracle):
+        pytest.skip("no deployment named: pass --pd-target and --pd-oracle")
+    metrics = [arg for url in pytestconfig.getoption("--pd-metrics") or [] for arg in ("--metrics", url)]
+    code, err = run(tmp_path, capfd, "--target", target, "--oracle", oracle, *metrics)
+    assert code == 0, err

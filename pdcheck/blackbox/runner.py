@@ -90,7 +90,7 @@ def print_plan(console, target, oracle, plan, hooks, cost, args) -> None:
                   f"budget {args.max_requests} requests at most {args.rate}/s", markup=False)
     for phase in plan:
         lengths = sorted({len(r.prompt) for r in phase.requests})
-        how = "at once" if phase.concurrent else "one at a time"
+        how = ("at once" if phase.concurrent else "one at a time") + (", streamed" if phase.stream else "")
         console.print(f"  {phase.name}: {len(phase.requests)} requests {how}, prompt lengths {lengths}", markup=False)
     console.print("  client faults: an aborted stream, a dropped connection, two prompts under one request id",
                   markup=False)
@@ -124,11 +124,11 @@ def send(target: Endpoint, phase: Phase, index: int, hooks: Schedule, history) -
         history.record("invoke", config=phase.name, request_id=r.request_id, prompt_len=len(r.prompt))
     if phase.concurrent:
         hooks.before(range(index, index + len(phase.requests)), history)
-        return target.generate(phase.requests, DEADLINE_S)
+        return target.generate(phase.requests, DEADLINE_S, phase.stream)
     results = []
     for i, r in enumerate(phase.requests):
         hooks.before([index + i], history)
-        results += target.generate([r], DEADLINE_S)
+        results += target.generate([r], DEADLINE_S, phase.stream)
     return results
 
 
