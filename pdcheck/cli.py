@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy_bench.add_argument("--warmup", type=int, default=30)
     add_proxy_parser(commands)
     add_serve_parser(commands)
+    add_mutants_parser(commands)
     repro = commands.add_parser("repro", help="replay a failure saved by `pdcheck run` (repro-*.json)")
     repro.add_argument("file", type=Path)
     repro.add_argument("--shrink", action="store_true", help="drop earlier requests while it still fails")
@@ -84,6 +85,13 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--proxy", help="the proxy's heartbeat address, host:port (prefill and decode roles)")
     serve.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     serve.add_argument("--run-dir", type=Path, default=Path("runs/serve"), help="the connector's `{run_dir}`")
+
+
+def add_mutants_parser(commands) -> None:
+    mutants = commands.add_parser("mutants", help="run the test that catches each known-bug mutant, timed")
+    mutants.add_argument("--only", action="append", metavar="NAME", help="only this catalogue entry (repeatable)")
+    mutants.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    mutants.add_argument("--timeout-s", type=float, default=600.0, help="per catching test")
 
 
 def add_proxy_parser(commands) -> None:
@@ -157,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 from pdcheck.reproducer import run_repro
 
                 return run_repro(args, stack, console)
+            if args.command == "mutants":
+                from pdcheck.bench_mutants import bench_mutants
+
+                return bench_mutants(args, stack, console)
             if args.command == "serve":
                 from pdcheck.cluster.serve import serve
 

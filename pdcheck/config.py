@@ -172,8 +172,10 @@ class EngineSpec:
             raise BadInput(f"block_size {self.block_size}: must be a positive multiple of 32 on CPU")
         if self.max_model_len < self.block_size:
             raise BadInput(f"max_model_len {self.max_model_len}: must be at least block_size")
-        if self.num_blocks is not None and self.num_blocks * self.block_size < self.max_model_len:
-            raise BadInput(f"num_blocks {self.num_blocks}: too few to hold one request of max_model_len tokens")
+        if self.num_blocks is not None and (self.num_blocks - 1) * self.block_size < self.max_model_len:
+            # vLLM keeps one block back (the null block)
+            raise BadInput(f"num_blocks {self.num_blocks}: too few to hold one request of max_model_len tokens "
+                           f"(vLLM keeps one block back)")
 
     @property
     def label(self) -> str:

@@ -1,17 +1,27 @@
 """Reference-connector mutants: known PD bug classes, each a few lines from the correct code.
 
 Each is a P2PConnector with one half swapped, loadable as
-`--connector pdcheck.mutants.connector:<Name>` with the reference connector's settings.
+`--connector pdcheck.mutants.connector:<Name>` with the reference connector's settings. The
+line that differs from the correct code is marked `BUG`. Two classes here are not mutants but
+the correct code a mutant is caught beside: LiveRead (sends read the paged cache late, with the
+blocks held until sent) and DropFirstPush (the reference on a link that loses one message).
+pdcheck/mutants/catalogue.py lists every mutant with the test that catches it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 
+from pdcheck.connector.config import Mode
 from pdcheck.connector.layouts import extract, inject
 from pdcheck.connector.plugin import P2PConnector
 from pdcheck.connector.scheduler import SchedulerHalf
+from pdcheck.connector.stats import TransferRecord
 from pdcheck.connector.worker import WorkerHalf, log
+from pdcheck.nemesis.transport import Fault, FaultyClient
 
 
 class EngineLocalKeyScheduler(SchedulerHalf):
@@ -55,7 +65,114 @@ class CorruptOnLoadWorker(WorkerHalf):
 
 class CorruptOnLoad(P2PConnector):
     """KV damaged on its way into decode's cache with nothing to notice (as a receive buffer
-    written on the wrong CUDA stream, vLLM #6459): the first loaded block of every request is
+    written on the wrong CUDA stream, vLLM #20263): the first loaded block of every request is
     noise. Plausible tokens, wrong ones."""
 
     worker_class = CorruptOnLoadWorker
+
+
+class LiveReadWorker(WorkerHalf):
+    """Not a mutant: the control beside DeferredExtraction and FreeBeforeSend. PUT_ASYNC sending
+    straight out of the paged cache, as NCCL and NIXL sends do: the save step hands the send
+    thread block ids, not a copy, and the thread extracts them when it gets to the request, over
+    a slow link (LINK_DELAY_S before each send). Correct while the blocks stay held until the
+    send is done, which the reference's accounting (`finished`) ensures."""
+
+    LINK_DELAY_S = 0.5
+
+    def __init__(self, config, client_factory=None):
+        if config.mode is not Mode.PUT_ASYNC:
+            raise ValueError(f"mode {config.mode.value!r}: {type(self).__name__} sends from a put_async send thread")
+        super().__init__(config, client_factory)
+
+    def save(self, entries) -> None:
+        for entry in entries:
+            self.sends.put((entry, None))
+
+    def push(self, entry, staged) -> None:
+        if staged is None:
+            time.sleep(self.LINK_DELAY_S)
+            layers = [self.layers[name] for name in sorted(self.layers)]
+            data = torch.stack([extract(cache, self.config.layout, entry.block_ids) for cache in layers])
+            self.log.record(TransferRecord(entry.transfer_key, "save", len(entry.block_ids), data.nbytes, 0.0))
+            staged = self.plane.stage(entry.transfer_key, data)
+        super().push(entry, staged)
+
+
+class LiveRead(P2PConnector):
+    worker_class = LiveReadWorker
+
+
+class DeferredExtractionWorker(LiveReadWorker):
+    def save(self, entries) -> None:
+        super().save(entries)
+        with self.lock:
+            self.sent.update(entry.request_id for entry in entries)  # BUG: the hand-off counted as the send
+
+
+class DeferredExtraction(P2PConnector):
+    """Repeated identical prompts give garbage (vLLM issue #22965, fixed by #23403): PUT_ASYNC's
+    send thread extracts a request's KV from the live paged cache when it gets to it, instead of
+    the save step copying it, while the request counts as sent once handed to the thread (an
+    accounting that is safe only with the copy; the mechanism BUGS.md infers for #22965). vLLM
+    frees the blocks at once; requests scheduled next write their KV into them before the thread
+    reads. Needs mode put_async."""
+
+    worker_class = DeferredExtractionWorker
+
+
+class FreeBeforeSendWorker(LiveReadWorker):
+    def __init__(self, config, client_factory=None):
+        super().__init__(config, client_factory)
+        self.unsent: set[str] = set()
+
+    def save(self, entries) -> None:
+        super().save(entries)
+        with self.lock:
+            self.unsent.update(entry.request_id for entry in entries)
+
+    def finished(self, finished_req_ids: set[str]) -> set[str]:
+        with self.lock:
+            self.sent |= finished_req_ids & self.unsent  # BUG: finished by the scheduler counted as sent
+            self.unsent -= finished_req_ids
+        return super().finished(finished_req_ids)
+
+
+class FreeBeforeSend(P2PConnector):
+    """Blocks freed before the send completes (vLLM issue #21570, "abnormal precision" under
+    load; NIXL #52234, a previous prompt's answer returned): a send that reads the paged cache
+    when it happens (LiveRead), with the request reported done sending as soon as the scheduler
+    finishes it (max_tokens=1 on prefill), not once its KV left. vLLM frees the blocks, later
+    requests reuse them, and the slow send then reads their KV. Needs mode put_async."""
+
+    worker_class = FreeBeforeSendWorker
+
+
+class DropFirstPushWorker(WorkerHalf):
+    def __init__(self, config, client_factory=None):
+        super().__init__(config, client_factory or (lambda context: FaultyClient(context, [Fault.DROP])))
+
+
+class DropFirstPush(P2PConnector):
+    """Not a mutant: the reference connector on a link that loses each instance's first transfer
+    (pdcheck.nemesis.transport's DROP), the fault NoReceiveDeadline is caught under. In put mode
+    prefill's first push never arrives; decode's receive deadline passes and the load fails
+    cleanly (the request ends as an error), and later requests are not affected."""
+
+    worker_class = DropFirstPushWorker
+
+
+class NoReceiveDeadlineWorker(DropFirstPushWorker):
+    def fetch(self, entry):
+        while True:  # BUG: no deadline: waits for the KV however long it takes
+            with contextlib.suppress(TimeoutError):
+                return super().fetch(entry)
+
+
+class NoReceiveDeadline(P2PConnector):
+    """Unbounded waits (2025 connector code had no receive timeout; #44831 proposed one): decode's
+    receive waits until the KV comes, on the same lossy link as DropFirstPush. In put mode the
+    lost push never comes, so decode's engine step never returns: only the gate's own deadline
+    ends the request (as a hang)."""
+
+    worker_class = NoReceiveDeadlineWorker

@@ -1,0 +1,142 @@
+"""The known-bug catalogue: one entry per mutant, with the bug class it re-creates and the
+quick-tier test that catches it.
+
+An entry names its mutant by `module:attribute` and its catching test by pytest node id, both as
+strings: nothing here imports a mutant (several import vLLM or CUDA libraries), so listing the
+catalogue is free. A catching test asserts the mutant's failure, so the test passing means the
+mutant was caught; `pdcheck mutants` (pdcheck.bench_mutants) runs them. Bug classes are the rows
+of BUGS.md, issue numbers as BUGS.md gives them. suites/test_mutants.py checks that every test
+node exists and that every mutant in pdcheck/mutants/ has an entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.util
+
+from pdcheck.errors import BadInput
+
+
+class Tier(enum.Enum):
+    CPU = "CPU"
+    GPU = "GPU"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str  # what `pdcheck mutants --only` takes
+    bug_class: str  # the BUGS.md row
+    issues: str  # vLLM issues and pull requests, as BUGS.md gives them ("" where it gives none)
+    recreates: str  # what the mutant does wrong, in a line
+    mutant: str  # module:attribute
+    test: str  # the pytest node id of the quick-tier test that catches it
+    tier: Tier = Tier.CPU
+
+    def __post_init__(self):
+        if ":" not in self.mutant or "::" not in self.test:
+            raise ValueError(f"catalogue entry {self.name!r}: mutant {self.mutant!r} must be module:attribute "
+                             f"and test {self.test!r} a pytest node id")
+
+    @property
+    def module(self) -> str:
+        return self.mutant.partition(":")[0]
+
+    @property
+    def is_present(self) -> bool:
+        """Whether the mutant's module exists (found, not imported)."""
+        return importlib.util.find_spec(self.module) is not None
+
+
+CONNECTOR = "pdcheck.mutants.connector"
+MUTANTS_SUITE = "suites/test_mutants.py"
+LATE_READ = f"{MUTANTS_SUITE}::test_send_reading_blocks_freed_before_it_is_caught_as_divergence"
+CONTROLS = "suites/test_negative_controls.py"
+ROUTING = "tests/test_proxy_routing.py"
+
+CATALOGUE: tuple[Entry, ...] = (
+    Entry("DeferredExtraction", "repeated identical prompts give garbage", "#22965, #23403",
+          "put_async send thread extracts KV from the live cache late; the hand-off counts as the send",
+          f"{CONNECTOR}:DeferredExtraction", f"{LATE_READ}[DeferredExtraction]"),
+    Entry("FreeBeforeSend", "blocks freed before send completes", "#21570, #52234",
+          "done sending reported when the scheduler finishes the request; the send reads the blocks later",
+          f"{CONNECTOR}:FreeBeforeSend", f"{LATE_READ}[FreeBeforeSend]"),
+    Entry("NoReceiveDeadline", "unbounded waits", "#44831",
+          "decode's receive waits for a lost push with no deadline",
+          f"{CONNECTOR}:NoReceiveDeadline",
+          f"{MUTANTS_SUITE}::test_receive_without_a_deadline_is_caught_as_a_hang[NoReceiveDeadline]"),
+    Entry("EngineLocalKeys", "transfer keys differ across instances", "#42839",
+          "transfer keys built from engine-local request ids", f"{CONNECTOR}:EngineLocalKeys",
+          f"{MUTANTS_SUITE}::test_engine_local_transfer_keys_are_caught_as_errors"),
+    Entry("SkipMissingKV", "missing KV skipped silently", "#52234 (NIXL)",
+          "a failed load is logged and skipped; decode runs on unloaded blocks", f"{CONNECTOR}:SkipMissingKV",
+          f"{MUTANTS_SUITE}::test_missing_kv_skipped_silently_is_caught_as_divergence"),
+    Entry("CorruptOnLoad", "garbled output, CUDA streams", "#20263",
+          "KV damaged on its way into decode's cache (the CPU face of a racing receive buffer)",
+          f"{CONNECTOR}:CorruptOnLoad",
+          f"{MUTANTS_SUITE}::test_kv_damaged_on_its_way_into_decode_is_caught_as_divergence[CorruptOnLoad]"),
+    Entry("guessed_extract", "layout misread", "#23536",
+          "KV layout guessed from the shape: a 2-block FlashAttention cache read as FlashInfer",
+          "pdcheck.mutants.layouts:guessed_extract",
+          f"{MUTANTS_SUITE}::test_layout_guessed_from_shape_misreads_a_two_block_flash_attention_cache"),
+    Entry("slot_reshape_extract", "layout misread", "#23536",
+          "FlashInfer cache read through a FlashAttention-style slot reshape",
+          "pdcheck.mutants.layouts:slot_reshape_extract",
+          f"{MUTANTS_SUITE}::test_flash_infer_read_through_a_flash_attention_slot_view_is_caught"),
+    Entry("PerturbBlockConnector-block", "harness rot", "#28661",
+          "one loaded KV block replaced with noise (the checker's negative control)",
+          "pdcheck.mutants.controls:PerturbBlockConnector",
+          f"{CONTROLS}::test_damaged_kv_block_is_reported_diverged_at_that_request[block]"),
+    Entry("PerturbBlockConnector-element", "harness rot", "#28661",
+          "one loaded KV element nudged by 1e-2, visible only in logprobs",
+          "pdcheck.mutants.controls:PerturbBlockConnector",
+          f"{CONTROLS}::test_damaged_kv_block_is_reported_diverged_at_that_request[element]"),
+    Entry("LoadNothingConnector", "silent fallback", "#26896, #27083, #42703",
+          "decode loads nothing and recomputes: right tokens, transfer never tested",
+          "pdcheck.mutants.controls:LoadNothingConnector",
+          f"{CONTROLS}::test_connector_that_loads_nothing_is_reported_as_fallback"),
+    Entry("NeverReleaseConnector", "leaks on abort", "#46283",
+          "prefill never reports a send finished, so its blocks are never reclaimed",
+          "pdcheck.mutants.controls:NeverReleaseConnector",
+          "suites/test_reference_connector.py::test_blocks_never_released_are_reported_as_a_leak"),
+    Entry("ReinsertOnHeartbeat", "uneven polling", "#21819",
+          "registry re-inserts an instance on every heartbeat, skewing round-robin",
+          "pdcheck.mutants.proxy:ReinsertOnHeartbeat", f"{ROUTING}::test_reinsert_on_heartbeat_mutant_is_caught"),
+    Entry("ExpireStopsAtFirstLive", "stale instances", "#20906 era",
+          "expiry stops at the first live entry, so an expired one behind it stays routable",
+          "pdcheck.mutants.proxy:ExpireStopsAtFirstLive",
+          f"{ROUTING}::test_expiry_that_stops_at_the_first_live_entry_is_caught"),
+    Entry("TokensSlicedRemainder", "MoE chunk remainder", "#13693",
+          "the last MoE chunk's activation buffer sliced by tokens, not tokens x top_k",
+          "pdcheck.mutants.moe:TokensSlicedRemainder",
+          "suites/test_moe_shapes.py::test_mutant_is_caught_exactly_when_a_remainder_follows_a_full_chunk[9-2-True]"),
+    Entry("RecvOnOtherStream", "garbled output, CUDA streams", "#20263",
+          "NCCL receive buffer allocated on another stream than the receive",
+          "pdcheck.mutants.gpu:RecvOnOtherStream",
+          "tests/test_stream_races.py::test_stream_mutant_is_caught_by_the_block_checksum_in_its_race[RecvOnOtherStream]",
+          Tier.GPU),
+    Entry("SendBeforeKVWrite", "send before the layer's KV is written", "#26205",
+          "NCCL send not ordered after the compute stream's KV write", "pdcheck.mutants.gpu:SendBeforeKVWrite",
+          "tests/test_stream_races.py::test_stream_mutant_is_caught_by_the_block_checksum_in_its_race[SendBeforeKVWrite]",
+          Tier.GPU),
+)
+
+# What the mutant modules of pdcheck/mutants/ define beside the mutants: their halves, bases,
+# registries, and the correct code some mutants are caught beside. Everything else they define
+# must have an entry (suites/test_mutants.py checks).
+NOT_MUTANTS = frozenset({
+    "EngineLocalKeyScheduler", "SkipMissingWorker", "CorruptOnLoadWorker", "LiveReadWorker", "LiveRead",
+    "DeferredExtractionWorker", "FreeBeforeSendWorker", "DropFirstPushWorker", "DropFirstPush",
+    "NoReceiveDeadlineWorker", "MutantPeer", "MUTANTS",
+})
+
+
+def by_name(names: list[str] | None) -> list[Entry]:
+    """The entries named (all when `names` is empty); BadInput naming an unknown one."""
+    if not names:
+        return list(CATALOGUE)
+    known = {e.name: e for e in CATALOGUE}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BadInput(f"--only {', '.join(unknown)}: not in the catalogue (known: {', '.join(known)})")
+    return [known[n] for n in names]
