@@ -1,11 +1,15 @@
 """One configuration under the gate: oracle calibration, the PD path for each request, verdicts.
 
 `check` drives a started Deployment with a list of requests, writes every request and verdict
-to the history, and returns the verdicts in request order. Requests go through the PD path
+to the history, and returns the verdicts in request order. With a Nemesis, each batch's planned
+fault is injected when due (and healed on its timer); a faulted request may end as a clean
+error or a recompute, never diverge or hang. Requests go through the PD path
 `concurrency` at a time (one batch per leg).
 """
 
 from __future__ import annotations
+
+import functools
 
 import msgspec
 
@@ -16,6 +20,7 @@ from pdcheck.cluster.messages import GenRequest
 from pdcheck.connector.stats import Transfer
 from pdcheck.history import History
 from pdcheck.known_defects import known_defect
+from pdcheck.nemesis.schedule import Nemesis
 from pdcheck.pd import PDResult
 
 DEADLINE_S = 60.0
@@ -31,12 +36,15 @@ class Checked(msgspec.Struct):
     known_defect: str | None = None
     counted: str = ""  # the summary column: the outcome, or `known` for a known defect as recorded
     transfer: Transfer | None = None  # what the connector's transfer log says moved, if it keeps one
+    faulted: bool = False  # a fault hit its batch: a clean error (or a recompute) is then allowed
 
     @property
     def passed(self) -> bool:
         """Matched with no known defect expected, or showed a known defect as recorded."""
         if self.known_defect:
             return self.counted == "known"
+        if self.faulted:
+            return self.verdict.outcome in (Outcome.MATCH, Outcome.ERROR, Outcome.FALLBACK)
         return self.verdict.outcome is Outcome.MATCH
 
 
@@ -47,6 +55,7 @@ def check(
     oracle: Oracle | None = None,
     concurrency: int = 1,
     on_result=None,
+    nemesis: Nemesis | None = None,
 ) -> tuple[Calibration, list[Checked]]:
     spec = deployment.spec
     oracle = oracle or Oracle(deployment.oracle)
@@ -60,15 +69,22 @@ def check(
         for request in batch:
             history.record("invoke", config=spec.label, request_id=request.request_id, prompt_len=len(request.prompt),
                            topology=deployment.topology)
-        results = deployment.run(batch, start // concurrency, DEADLINE_S)
+        index = start // concurrency
+        between = None
+        if nemesis:
+            pair = deployment.pair(index)
+            nemesis.due(index, "start", *pair)
+            between = functools.partial(nemesis.due, index, "between", *pair)
+        results = deployment.run(batch, index, DEADLINE_S, between)
         transfers = deployment.transfers()
         for request, pd in zip(batch, results):
             item = judge_one(spec, request, pd, expected[request.request_id], calibration, earlier)
             item.transfer = transfers.get((pd.prefill.kv_transfer_params or {}).get("transfer_key"))
+            item.faulted = bool(nemesis and nemesis.faulted(index))
             earlier.append(len(request.prompt))
             history.record(completion_kind(item.verdict.outcome), config=spec.label, request_id=request.request_id,
                            verdict=item.verdict, external_tokens=item.external_tokens, known_defect=item.known_defect,
-                           transfer=item.transfer, tokens=pd.result.token_ids)
+                           transfer=item.transfer, faulted=item.faulted, tokens=pd.result.token_ids)
             checked.append(item)
             if on_result:
                 on_result(item)

@@ -60,10 +60,14 @@ def join(prefilled: GenResult, decoded: GenResult, connector: ConnectorSpec) -> 
 
 
 def run_pd(
-    prefill: Instance, decode: Instance, connector: ConnectorSpec, requests: list[GenRequest], deadline_s: float
+    prefill: Instance, decode: Instance, connector: ConnectorSpec, requests: list[GenRequest], deadline_s: float,
+    between=None,
 ) -> list[PDResult]:
-    """Both legs for a batch of requests: prefill runs them together, then decode does."""
+    """Both legs for a batch of requests: prefill runs them together, then (after `between()`,
+    if given) decode does."""
     prefilled = prefill.generate([prefill_request(r, connector, decode) for r in requests], deadline_s)
+    if between:
+        between()
     to_decode = [(r, p) for r, p in zip(requests, prefilled) if p.ok]
     decoded = decode.generate([decode_request(r, p, connector) for r, p in to_decode], deadline_s)
     by_id = {d.request_id: d for d in decoded}

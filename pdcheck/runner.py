@@ -20,6 +20,7 @@ from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import DecodePrompt, EngineSpec
 from pdcheck.errors import BadInput
 from pdcheck.gate import check, leaks
+from pdcheck.nemesis.schedule import Nemesis, plan
 from pdcheck.repro import replay_command
 from pdcheck.reproducer import make_repro
 from pdcheck.reproducer import write as write_repro
@@ -40,6 +41,8 @@ def make_deployment(args, spec: EngineSpec, run_dir, name: str):
     """In-process engines, or with --serve `pdcheck serve` instances behind the proxy."""
     if not args.serve:
         return Deployment(spec, run_dir, name, None, *args.topology)
+    if args.nemesis is not None:
+        raise BadInput("--nemesis pauses in-process instances; it does not combine with --serve")
     from pdcheck.cluster.served import ServedCluster
 
     if spec.connector.decode_prompt is not DecodePrompt.ORIGINAL:
@@ -67,7 +70,12 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
             if i + 1 < len(deployments):
                 deployments[i + 1].start()
             progress.update(task, description=f"checking {deployment.spec.label}")
-            calibration, checked = check(deployment, requests, store.history, on_result=lambda _: progress.advance(task))
+            nemesis = None
+            if args.nemesis is not None:
+                nemesis = Nemesis(plan(args.nemesis, len(requests)), store.history)
+                stack.callback(nemesis.heal_all)
+            calibration, checked = check(deployment, requests, store.history, on_result=lambda _: progress.advance(task),
+                                         nemesis=nemesis)
             leaked = leaks(deployment, store.history)
             deployment.close()
             configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked,

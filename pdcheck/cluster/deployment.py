@@ -49,9 +49,10 @@ class Deployment:
         """What connectors that keep a transfer log (`transfers-*.jsonl` in `{run_dir}`) recorded."""
         return read_transfers(sorted(self.folder.glob("transfers-*.jsonl")))
 
-    def run(self, requests: list[GenRequest], batch: int, deadline_s: float) -> list[PDResult]:
-        """The `batch`-th batch of requests through its pair's two legs."""
-        return run_pd(*self.pair(batch), self.spec.connector, requests, deadline_s)
+    def run(self, requests: list[GenRequest], batch: int, deadline_s: float, between=None) -> list[PDResult]:
+        """The `batch`-th batch of requests through its pair's two legs (`between()` runs
+        between them: where a nemesis pauses prefill)."""
+        return run_pd(*self.pair(batch), self.spec.connector, requests, deadline_s, between)
 
     def pair(self, i: int) -> tuple[Instance, Instance]:
         p = len(self.prefills)

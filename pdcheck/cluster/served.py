@@ -200,9 +200,9 @@ class ServedCluster:
             raise
         return self
 
-    def run(self, requests: list[GenRequest], batch: int, deadline_s: float) -> list[PDResult]:
-        """A batch through the proxy, which picks the pair (`batch` is the in-process
-        deployments' pairing index, unused here)."""
+    def run(self, requests: list[GenRequest], batch: int, deadline_s: float, between=None) -> list[PDResult]:
+        """A batch through the proxy, which picks the pair and runs both legs (`batch` and
+        `between` serve the in-process deployments; unused here)."""
         results = complete_all(self.proxy.url, self.spec.model.name, requests, timeout_s=deadline_s)
         return [PDResult(result=r, external_tokens=r.num_cached_tokens, prefill=GenResult(r.request_id))
                 for r in results]

@@ -1,0 +1,58 @@
+"""A seeded nemesis over the gate: prefill paused between the legs (decode's pull meets a silent
+peer) and decode paused as a batch starts, for 0.3 to 2.5 s, against a 1 s connector deadline.
+
+Every fault is an inject/heal pair in the history. The reference connector must end every
+faulted request as a match or a clean error (vLLM's `fail` policy), never a divergence or a
+hang, match every request no fault touched, and hold nothing after the drain (KV nobody pulled
+is dropped after hold_s). Negative control: SkipMissingKV under the same schedule diverges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pdcheck.checker.compare import Outcome
+from pdcheck.cluster.deployment import Deployment
+from pdcheck.config import EngineSpec, connector_spec, model_path
+from pdcheck.gate import check, leaks
+from pdcheck.history import read_history
+from pdcheck.nemesis.schedule import Nemesis, plan
+from pdcheck.workload.boundary import boundary_workload
+
+pytestmark = pytest.mark.vllm
+SEED = 3
+SETTINGS = '{"deadline_s": 1, "hold_s": 3, "kv_load_failure_policy": "fail"}'
+
+
+def run_under_nemesis(pd_run_dir, pd_history, name: str, connector: str):
+    spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference", SETTINGS))
+    spec = dataclasses.replace(spec, connector=dataclasses.replace(spec.connector, name=connector))
+    requests = [r for r in boundary_workload(spec) if len(r.prompt) > spec.block_size][:12]
+    faults = plan(SEED, len(requests), rate=0.5)
+    nemesis = Nemesis(faults, pd_history)
+    with Deployment(spec, pd_run_dir, name) as deployment:
+        try:
+            _, checked = check(deployment, requests, pd_history, nemesis=nemesis)
+        finally:
+            nemesis.heal_all()
+        leaked = leaks(deployment, pd_history, timeout_s=10)
+    return faults, checked, leaked
+
+
+def test_reference_connector_ends_every_faulted_request_cleanly(pd_run_dir, pd_history):
+    faults, checked, leaked = run_under_nemesis(pd_run_dir, pd_history, "nemesis-reference",
+                                                "pdcheck.connector.plugin:P2PConnector")
+    summary = [(c.prompt_len, c.faulted, c.verdict.outcome.value) for c in checked]
+    assert any(f.target == "prefill" and f.seconds > 1 for f in faults), f"the plan cuts nothing off: {faults}"
+    assert all(c.passed for c in checked), summary
+    assert any(c.faulted and c.verdict.outcome is Outcome.ERROR for c in checked), summary  # a cut-off happened
+    assert not leaked, leaked
+    notes = [h for h in read_history(pd_history.path) if h.get("fault") == "pause"]
+    assert sum(n["phase"] == "inject" for n in notes) == sum(n["phase"] == "heal" for n in notes) >= len(faults)
+
+
+def test_skipping_missing_kv_under_the_same_faults_is_caught(pd_run_dir, pd_history):
+    _, checked, _ = run_under_nemesis(pd_run_dir, pd_history, "nemesis-skip", "pdcheck.mutants.connector:SkipMissingKV")
+    assert any(c.verdict.outcome is Outcome.DIVERGED for c in checked), [c.verdict.outcome.value for c in checked]
