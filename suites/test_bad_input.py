@@ -65,3 +65,20 @@ def has_vllm() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.vllm
+def test_a_deployment_that_fails_to_start_leaves_nothing_half_started_in_the_pool(pd_run_dir):
+    from pdcheck.cluster.pool import DeploymentPool
+    from pdcheck.config import EngineSpec, connector_spec, model_path
+    from pdcheck.errors import BadInput
+
+    pool = DeploymentPool(pd_run_dir / "pool-failing-start")
+    spec = EngineSpec(model=model_path("tiny-llama"), connector=connector_spec("no_such_module_xyz:Conn"))
+    try:
+        with pytest.raises(BadInput, match="does not import"):
+            pool.get(spec)
+        assert not pool.alive and not pool.starting
+        assert all(oracle.instance.alive for oracle in pool.oracles.values()), "a dead oracle kept for the next test"
+    finally:
+        pool.close()

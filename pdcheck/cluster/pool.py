@@ -37,9 +37,16 @@ class DeploymentPool:
             old.close()
             self.close_unused_oracles()
         deployment, oracle = self.starting.pop(key, None) or self.launch(*key)
-        if oracle.instance.start_s is None:
-            oracle.instance.wait_ready()
-        deployment.wait_ready()
+        try:
+            if oracle.instance.start_s is None:
+                oracle.instance.wait_ready()
+            deployment.wait_ready()
+        except BaseException:  # nothing half-started stays behind for the next test to trip on
+            deployment.close()
+            if not oracle.instance.alive:
+                self.oracles.pop(spec.without_connector(), None)
+            self.close_unused_oracles()
+            raise
         self.alive[key] = (deployment, oracle)
         return self.alive[key]
 
