@@ -42,7 +42,10 @@ def run_batches(pd_pool, pd_history, spec: EngineSpec):
     return checked, refused, leaks(deployment, pd_history)
 
 
-@pytest.mark.parametrize("policy, allowed", [("fail", {Outcome.MATCH, Outcome.ERROR}), ("recompute", {Outcome.MATCH})])
+@pytest.mark.parametrize("policy, allowed", [
+    ("fail", {Outcome.MATCH, Outcome.ERROR}),
+    pytest.param("recompute", {Outcome.MATCH}, marks=pytest.mark.slow),  # a policy variant: --runslow
+])
 def test_pushes_that_do_not_fit_end_cleanly_and_leave_nothing_behind(policy, allowed, pd_pool, pd_history):
     checked, refused, leaked = run_batches(pd_pool, pd_history, pressured(policy))
     outcomes = [c.verdict.outcome for c in checked]

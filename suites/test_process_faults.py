@@ -44,7 +44,7 @@ class Paused:
         self.history.record("note", fault="pause", instance=self.instance.name, phase="heal")
 
 
-@pytest.mark.parametrize("policy", ["fail", "recompute"])
+@pytest.mark.parametrize("policy", ["fail", pytest.param("recompute", marks=pytest.mark.slow)])
 def test_prefill_paused_during_the_pull_ends_in_time_and_leaves_nothing_held(policy, pd_run_dir, pd_history):
     settings = f'{{"deadline_s": {DEADLINE_S}, "hold_s": {HOLD_S}, "kv_load_failure_policy": "{policy}"}}'
     spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference", settings))
@@ -67,6 +67,7 @@ def test_prefill_paused_during_the_pull_ends_in_time_and_leaves_nothing_held(pol
         assert leaks(deployment, pd_history, timeout_s=HOLD_S + 7) == []
 
 
+@pytest.mark.slow
 def test_decode_paused_between_the_legs_only_delays_the_request(pd_run_dir, pd_history):
     spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference"))
     request = boundary_workload(spec)[7]
