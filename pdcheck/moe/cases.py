@@ -124,13 +124,15 @@ def error_scale(data: MoEInputs, weights: torch.Tensor, ids: torch.Tensor) -> to
     return squares.sqrt()
 
 
-def compare(target: str, case: MoECase) -> Mismatch | None:
-    """None if `target` matches the reference within the tolerance on `case`, else the mismatch."""
+def compare(target: str, case: MoECase, device: str = "cpu") -> Mismatch | None:
+    """None if `target` matches the reference within the tolerance on `case`, else the mismatch.
+    The implementation runs on `device`; the reference always on the CPU in float64."""
     data = inputs(case)
     weights, ids = route(data.router_logits, case.top_k, case.renormalize)
     weights = weights.float()
     ref = expert_forward(data.x, data.w13, data.w2, weights, ids)
-    out = load(target)(case.chunk_size)(data.x, data.w13, data.w2, weights, ids.int())
+    args = [t.to(device) for t in (data.x, data.w13, data.w2, weights, ids.int())]
+    out = load(target)(case.chunk_size)(*args).cpu()
     tolerance = TOLERANCE[case.dtype] * (error_scale(data, weights, ids) + ref.abs())
     error = (out.double() - ref).abs()
     fails = ~(error <= tolerance)  # NaN fails too

@@ -27,9 +27,10 @@ class Scratch:
     down: torch.Tensor  # [rows, hidden]
 
     @classmethod
-    def zeros(cls, rows: int, hidden: int, intermediate: int, dtype: torch.dtype) -> Scratch:
-        return cls(torch.zeros(rows, 2 * intermediate, dtype=dtype), torch.zeros(rows, intermediate, dtype=dtype),
-                   torch.zeros(rows, hidden, dtype=dtype))
+    def zeros(cls, rows: int, hidden: int, intermediate: int, like: torch.Tensor) -> Scratch:
+        """Buffers with `like`'s dtype and device."""
+        return cls(like.new_zeros(rows, 2 * intermediate), like.new_zeros(rows, intermediate),
+                   like.new_zeros(rows, hidden))
 
 
 def leading_rows(buffer: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -62,7 +63,7 @@ class ChunkedMoE:
     def __call__(self, x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
         num_tokens, top_k = topk_ids.shape
         chunk_tokens = max(1, self.chunk_size // top_k)
-        scratch = Scratch.zeros(chunk_tokens * top_k, w2.shape[1], w2.shape[2], x.dtype)
+        scratch = Scratch.zeros(chunk_tokens * top_k, w2.shape[1], w2.shape[2], x)
         out = torch.empty_like(x)
         for begin in range(0, num_tokens, chunk_tokens):
             end = min(begin + chunk_tokens, num_tokens)
