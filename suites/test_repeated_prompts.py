@@ -4,7 +4,8 @@ The same prompt goes through PD many times, one after another and all at once, w
 caching on (so repeats share prefill blocks) and a small KV pool (so freed blocks are reused
 at once). Every output must equal the oracle's, with KV loaded for each request; afterwards no
 instance may hold blocks. Run against the reference connector (pull, and push from a send
-thread: the mode #22965 broke) and against the connector under test.
+thread: the mode #22965 broke) and against the connector under test. Negative control: keys
+made from the prompt (PromptKeys) collide under concurrent repeats and must be caught.
 """
 
 from __future__ import annotations
@@ -57,3 +58,13 @@ def test_connector_under_test_serves_repeated_prompts_exactly(concurrency, pd_po
     failures, leaked = run_repeated(pd_pool, pd_history, under_test(pytestconfig), concurrency)
     assert not failures, "\n".join(failures)
     assert not leaked, leaked
+
+
+@pytest.mark.vllm
+def test_transfer_keys_made_from_the_prompt_are_caught_under_concurrent_repeats(pd_pool, pd_history):
+    """Negative control: PromptKeys (identical prompts share a transfer key) must fail this suite."""
+    spec = repeated_spec(EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16",
+                                    connector=connector_spec("reference", '{"deadline_s": 2}')))
+    mutant = dataclasses.replace(spec.connector, name="pdcheck.mutants.connector:PromptKeys")
+    failures, leaked = run_repeated(pd_pool, pd_history, dataclasses.replace(spec, connector=mutant), REPEATS)
+    assert failures or leaked, "identical prompts sharing a key went unnoticed"

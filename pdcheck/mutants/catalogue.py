@@ -61,6 +61,10 @@ CATALOGUE: tuple[Entry, ...] = (
     Entry("FreeBeforeSend", "blocks freed before send completes", "#21570, #52234",
           "done sending reported when the scheduler finishes the request; the send reads the blocks later",
           f"{CONNECTOR}:FreeBeforeSend", f"{LATE_READ}[FreeBeforeSend]"),
+    Entry("PromptKeys", "repeated identical prompts give garbage", "#22965",
+          "transfer keys made from the prompt: identical prompts in flight share one key",
+          f"{CONNECTOR}:PromptKeys",
+          "suites/test_repeated_prompts.py::test_transfer_keys_made_from_the_prompt_are_caught_under_concurrent_repeats"),
     Entry("NoReceiveDeadline", "unbounded waits", "#44831",
           "decode's receive waits for a lost push with no deadline",
           f"{CONNECTOR}:NoReceiveDeadline",
@@ -127,7 +131,7 @@ CATALOGUE: tuple[Entry, ...] = (
 NOT_MUTANTS = frozenset({
     "EngineLocalKeyScheduler", "SkipMissingWorker", "CorruptOnLoadWorker", "LiveReadWorker", "LiveRead",
     "DeferredExtractionWorker", "FreeBeforeSendWorker", "DropFirstPushWorker", "DropFirstPush",
-    "NoReceiveDeadlineWorker", "MutantPeer", "MUTANTS",
+    "NoReceiveDeadlineWorker", "MutantPeer", "MUTANTS", "PromptKeyScheduler",
 })
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import time
 
+import hashlib
+
 import torch
 
 from pdcheck.connector.config import Mode
@@ -37,6 +39,20 @@ class EngineLocalKeys(P2PConnector):
     a key prefill never used."""
 
     scheduler_class = EngineLocalKeyScheduler
+
+
+class PromptKeyScheduler(SchedulerHalf):
+    def new_transfer_key(self, request) -> str:
+        return hashlib.sha256(str(list(request.prompt_token_ids)).encode()).hexdigest()[:32]  # BUG: not unique
+
+
+class PromptKeys(P2PConnector):
+    """Transfer keys made from the prompt, as a content-addressed store keys them (the class of
+    vLLM #22965, identical prompts sent repeatedly): identical prompts in flight together share a
+    key, so one request's KV replaces the other's, the other's load fails, and the replaced
+    request's blocks are never reported sent."""
+
+    scheduler_class = PromptKeyScheduler
 
 
 class SkipMissingWorker(WorkerHalf):
