@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from pdcheck.connector.config import P2PConfig  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
-from pdcheck.nemesis.transport import Fault, FaultyClient  # noqa: E402
+from pdcheck.nemesis.transport import Fault, FaultyClient, UncheckedClient  # noqa: E402
 
 DEADLINE_S = 0.15
 BLOCKS_PER_REQUEST = 2
@@ -33,16 +33,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def half(mode: str, schedule: list[Fault]) -> WorkerHalf:
+def half(mode: str, schedule: list[Fault], client=FaultyClient) -> WorkerHalf:
     config = P2PConfig.from_extra({"port": free_port(), "mode": mode, "deadline_s": DEADLINE_S})
-    return WorkerHalf(config, client_factory=lambda context: FaultyClient(context, schedule, delay_s=0.02))
+    return WorkerHalf(config, client_factory=lambda context: client(context, schedule, delay_s=0.02))
 
 
-def run(mode: str, faults: list[Fault], seed: int) -> list[str]:
+def run(mode: str, faults: list[Fault], seed: int, client=FaultyClient) -> list[str]:
     """Move len(faults) requests; the faults hit the side that sends requests in this mode."""
     pull = mode == "get"
-    prefill = half(mode, [] if pull else faults)
-    decode = half(mode, faults if pull else [])
+    prefill = half(mode, [] if pull else faults, client)
+    decode = half(mode, faults if pull else [], client)
     problems = []
     try:
         src = {f"layer{i}": torch.randn(16, 2, 4, 8, generator=torch.Generator().manual_seed(seed + i)) for i in range(2)}
@@ -76,3 +76,9 @@ def test_wire_faults_end_each_request_exact_or_as_a_clean_load_error(mode, fault
     problems = run(mode, faults, seed)
     schedule = ", ".join(f"Fault({f.value!r})" for f in faults)
     assert not problems, "\n".join(problems) + f"\nreplay: run({mode!r}, [{schedule}], {seed})"
+
+
+def test_a_client_that_skips_the_checksum_is_caught_writing_corrupted_blocks():
+    """Negative control: the same tier, with pulls that trust their bytes, must report the damage."""
+    problems = run("get", [Fault.NONE, Fault.CORRUPT, Fault.NONE], seed=7, client=UncheckedClient)
+    assert problems == ["request 1 (corrupt): no load error, but the blocks differ"], problems

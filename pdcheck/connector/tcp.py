@@ -219,7 +219,7 @@ class KVClient:
                 raise ProtocolError(f"{address} sent {reply} for {key}, announced {header}")
             data = self.receive_buffer(size)
             self.recv_payload(conn, data, deadline_at)
-            return from_frame(header, data)
+            return self.unpack(header, data)
 
         return self.transfer(address, key, deadline_s, transfer)
 
@@ -255,7 +255,11 @@ class KVClient:
             self.drop(address)
             raise
 
-    # -- seams (pdcheck.nemesis.transport overrides these) ---------------------------------------
+    # -- seams (pdcheck.nemesis.transport and pdcheck.mutants override these) -------------------
+    def unpack(self, header: Blocks, data: torch.Tensor) -> torch.Tensor:
+        """The pulled tensor, checked against its header (size and checksum)."""
+        return from_frame(header, data)
+
     def announce(self, address: str, message: Message, deadline_at: float, key: str | None) -> Message:
         (reply,) = self.request(address, [encode(message)], stream.remaining(deadline_at), key)
         return reply

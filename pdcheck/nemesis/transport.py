@@ -4,12 +4,15 @@
 order (then none): DROP (the transfer never leaves: the caller's deadline passes), DELAY (it
 leaves late, inside the deadline), DUPLICATE (its control announce is sent twice), CORRUPT (one
 byte of the payload, sent or received, is flipped). Every fault applied is appended to `applied`.
+`UncheckedClient` is the same with the checksum check on pulls left out: the tier's negative control.
 """
 
 from __future__ import annotations
 
 import enum
 import time
+
+import torch
 
 from pdcheck.connector.protocol import Fetch, Pull, Push, encode
 from pdcheck.connector.tcp import KVClient
@@ -61,3 +64,11 @@ def flip_one_byte(frame) -> bytes:
     if data:
         data[len(data) // 2] ^= 0x10
     return bytes(data)
+
+
+class UncheckedClient(FaultyClient):
+    """A negative control for the wire-fault tier: pulls trust their bytes without the checksum
+    (as a connector that skips verification does), so a corrupted payload is written in silently."""
+
+    def unpack(self, header, data):
+        return data.view(getattr(torch, header.dtype)).reshape(header.shape)
