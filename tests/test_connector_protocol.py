@@ -224,3 +224,14 @@ def test_worker_halves_move_a_request_and_refuse_kv_that_does_not_fit():
     finally:
         prefill.close()
         decode.close()
+
+
+def test_pushed_kv_no_load_claims_is_dropped_after_its_hold_and_frees_its_room():
+    """A decode leg that never comes must not leave its pushed KV filling the buffer for good."""
+    inbox = Inbox(capacity_bytes=4096, spill_bytes=0, hold_s=0.2)
+    inbox.put("unclaimed", torch.zeros(1024, dtype=torch.float32))
+    with pytest.raises(BufferError, match="receive buffer full"):
+        inbox.put("next", torch.zeros(1, dtype=torch.float32))
+    time.sleep(0.3)
+    inbox.put("next", torch.zeros(1, dtype=torch.float32))
+    assert set(inbox.entries) == {"next"} and inbox.take("unclaimed", 0.01) is None

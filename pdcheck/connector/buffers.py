@@ -5,16 +5,20 @@ Outbox (prefill): KV extracted at save time, keyed by transfer key, with its fra
 Inbox (decode): KV pushed by a peer until decode's load takes it. It holds at most
 `capacity_bytes` in its buffer plus `spill_bytes` in a host pool beside it. A push reserves its
 room when announced; one that fits in neither is refused (the sender sees an error, the load
-fails cleanly and is reported). A reservation whose bytes never come lapses after its hold.
+fails cleanly and is reported). A reservation whose bytes never come lapses after its hold, and
+pushed KV that no load claims within hold_s is dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
 
 import torch
+
+log = logging.getLogger("pdcheck.connector")
 
 
 class Outbox:
@@ -64,10 +68,12 @@ class Outbox:
 
 
 class Inbox:
-    def __init__(self, capacity_bytes: int, spill_bytes: int):
-        self.capacity_bytes, self.spill_bytes = capacity_bytes, spill_bytes
+    def __init__(self, capacity_bytes: int, spill_bytes: int, hold_s: float | None = None):
+        """`hold_s`: how long pushed KV waits for its load before it is dropped (None: forever)."""
+        self.capacity_bytes, self.spill_bytes, self.hold_s = capacity_bytes, spill_bytes, hold_s
         self.cond = threading.Condition()
         self.entries: dict[str, torch.Tensor] = {}
+        self.expires: dict[str, float] = {}
         self.reserved: dict[str, tuple[int, float]] = {}  # key: (bytes, lapses at)
 
     @property
@@ -97,12 +103,23 @@ class Inbox:
             if self.reserved.pop(key, None) is None:
                 self.make_room(key, tensor.numel() * tensor.element_size())
             self.entries[key] = tensor
+            if self.hold_s is not None:
+                self.expires[key] = time.monotonic() + self.hold_s
             self.cond.notify_all()
 
     def make_room(self, key: str, size: int) -> None:
+        self.drop_unclaimed()
         if self.used_bytes + size > self.capacity_bytes + self.spill_bytes:
             raise BufferError(f"receive buffer full: {key} needs {size} bytes, "
                               f"{self.used_bytes} of {self.capacity_bytes + self.spill_bytes} in use")
+
+    def drop_unclaimed(self) -> None:
+        """Drop KV whose load never came within hold_s (a decode leg that was never sent), so
+        it cannot fill the buffer for good."""
+        now = time.monotonic()
+        for key in [k for k, expires in self.expires.items() if expires < now]:
+            del self.entries[key], self.expires[key]
+            log.warning("dropped pushed KV %s: no load claimed it within %ss", key, self.hold_s)
 
     def take(self, key: str, deadline_s: float) -> torch.Tensor | None:
         end = time.monotonic() + deadline_s
@@ -112,4 +129,5 @@ class Inbox:
                 if left <= 0:
                     return None
                 self.cond.wait(left)
+            self.expires.pop(key, None)
             return self.entries.pop(key)

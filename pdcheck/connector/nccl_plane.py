@@ -91,7 +91,7 @@ class NcclPlane:
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.context = zmq.Context()
         self.outbox = Outbox(config.hold_s)
-        self.inbox = Inbox(config.buffer_bytes, config.spill_bytes)
+        self.inbox = Inbox(config.buffer_bytes, config.spill_bytes, config.hold_s)
         self.failures = Failures(config.hold_s)
         self.server = NcclServer(self).start()
         self.client = (client_factory or NcclClient)(self.context)

@@ -58,7 +58,7 @@ class TcpPlane:
         self.config = config
         self.context = zmq.Context()
         self.outbox = Outbox(config.hold_s)
-        self.inbox = Inbox(config.buffer_bytes, config.spill_bytes)
+        self.inbox = Inbox(config.buffer_bytes, config.spill_bytes, config.hold_s)
         self.server = KVServer(self.context, config.address, self.outbox, self.inbox, config.deadline_s).start()
         self.client = (client_factory or KVClient)(self.context)
         self.client.name, self.client.max_bytes = config.address, config.buffer_bytes + config.spill_bytes
