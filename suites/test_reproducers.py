@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import msgspec
 import pytest
 
 from pdcheck.cli import main
@@ -19,26 +20,53 @@ BROKEN = ["--connector", "pdcheck.mutants.connector:CorruptOnLoad", "--connector
           "--model", "tiny-llama", "--dtype", "bfloat16"]
 
 
-@pytest.mark.vllm
-def test_a_failure_replays_shrinks_and_says_when_it_no_longer_fails(tmp_path, capfd):
+def failing_run(tmp_path, capfd):
+    """`pdcheck run` on a corrupting connector: exit 1, and the repro of its 65-token request."""
     runs = tmp_path / "runs"
     assert main(["run", *BROKEN, "--lengths", "33,65", "--runs-dir", str(runs)]) == 1
     out = capfd.readouterr().err
     path = runs / "latest" / "repro-65-tiny-llama-bfloat16.json"
-    assert f"pdcheck repro {runs.resolve() if False else ''}" in out and path.name in out, out
+    assert "reproduce: pdcheck repro" in out and path.name in out, out
     repro = read(path)
     assert [len(r.prompt) for r in repro.requests] == [33, 65] and repro.outcome == "diverged"
+    return runs, path, repro
 
+
+@pytest.mark.vllm
+def test_a_failure_replays_and_says_when_it_no_longer_fails(tmp_path, capfd):
+    runs, path, repro = failing_run(tmp_path, capfd)
+    assert main(["repro", str(path), "--runs-dir", str(runs)]) == 0
+    assert "reproduced: diverged" in capfd.readouterr().err
+    fixed = msgspec.structs.replace(repro, connector=dict(repro.connector, name="pdcheck.connector.plugin:P2PConnector"))
+    assert main(["repro", str(write(fixed, tmp_path / "fixed.json")), "--runs-dir", str(runs)]) == 1
+    assert "did not reproduce: the request now ends as match" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_shrinking_a_real_failure_keeps_only_the_failing_request(tmp_path, capfd):
+    runs, path, _ = failing_run(tmp_path, capfd)
     assert main(["repro", str(path), "--shrink", "--runs-dir", str(runs)]) == 0
-    out = capfd.readouterr().err
-    assert "reproduced: diverged" in out and "shrunk from 2 to 1 requests" in out, out
+    assert "shrunk from 2 to 1 requests" in capfd.readouterr().err
     assert [len(r.prompt) for r in read(path.with_name(path.stem + ".min.json")).requests] == [65]
 
-    fixed = dict(repro.connector, name="pdcheck.connector.plugin:P2PConnector")
-    write(type(repro)(**{**{f: getattr(repro, f) for f in repro.__struct_fields__}, "connector": fixed}),
-          tmp_path / "fixed.json")
-    assert main(["repro", str(tmp_path / "fixed.json"), "--runs-dir", str(runs)]) == 1
-    assert "did not reproduce: the request now ends as match" in capfd.readouterr().err
+
+@pytest.mark.parametrize("needed, kept", [({"r3", "r5"}, ["r3", "r5", "failing"]), (set(), ["failing"]),
+                                          ({"r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"}, None)])
+def test_shrinking_drops_every_earlier_request_the_failure_does_not_need(needed, kept):
+    from pdcheck.reproducer import Repro, shrink
+
+    requests = [GenRequest(f"r{i}", [5, i], 4) for i in range(8)] + [GenRequest("failing", [9], 4)]
+    repro = Repro({}, {}, (1, 1), 0, requests, "diverged")
+    attempts = []
+
+    def fails(candidate) -> bool:
+        attempts.append(candidate)
+        return candidate[-1].request_id == "failing" and needed <= {r.request_id for r in candidate}
+
+    smaller = shrink(repro, fails)
+    assert [r.request_id for r in smaller.requests] == (kept or [r.request_id for r in requests])
+    assert len(attempts) <= 2 * len(requests), f"{len(attempts)} replays"
 
 
 @pytest.mark.parametrize("content, message", [
