@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import shutil
 import socket
-import sys
+import sys  # noqa: F401 (the exported script ends with sys.exit(main(...)))
 import tempfile
 
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "TORCHDYNAMO_DISABLE": "1",

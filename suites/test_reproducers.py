@@ -6,7 +6,6 @@ refused with exit 2.
 
 from __future__ import annotations
 
-import json
 import os
 
 import msgspec
