@@ -235,3 +235,17 @@ def test_pushed_kv_no_load_claims_is_dropped_after_its_hold_and_frees_its_room()
     time.sleep(0.3)
     inbox.put("next", torch.zeros(1, dtype=torch.float32))
     assert set(inbox.entries) == {"next"} and inbox.take("unclaimed", 0.01) is None
+
+
+def test_transfer_logs_fold_only_whole_lines_and_only_once(tmp_path):
+    from pdcheck.connector.stats import TransferLog, TransferLogs, TransferRecord
+
+    log, logs = TransferLog(str(tmp_path / "transfers-1.jsonl")), TransferLogs(tmp_path)
+    log.record(TransferRecord("k", "save", 2, 64, 0.0))
+    with open(tmp_path / "transfers-1.jsonl", "ab") as f:
+        f.write(b'{"transfer_key": "k", "side": "lo')  # a line still being written
+    assert (logs.update()["k"].saved_blocks, logs.update()["k"].loaded_blocks) == (2, 0)
+    with open(tmp_path / "transfers-1.jsonl", "ab") as f:
+        f.write(b'ad", "blocks": 2, "bytes": 64, "seconds": 0.5}\n')
+    transfer = logs.update()["k"]
+    assert (transfer.saved_blocks, transfer.loaded_blocks, transfer.load_seconds) == (2, 2, 0.5)

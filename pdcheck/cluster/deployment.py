@@ -13,7 +13,7 @@ from pathlib import Path
 from pdcheck.cluster.instance import Instance
 from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import EngineSpec, Role
-from pdcheck.connector.stats import Transfer, read_transfers
+from pdcheck.connector.stats import Transfer, TransferLogs
 from pdcheck.pd import PDResult, run_pd
 
 
@@ -29,6 +29,7 @@ class Deployment:
         assert spec.connector is not None, "a PD deployment needs a connector"
         self.spec = spec
         self.folder = run_dir / name  # also the connector's `{run_dir}`: nothing shared across deployments
+        self.logs = TransferLogs(self.folder)
         cpus = iter(cpu_plan(1 + num_prefill + num_decode))
         self.owns_oracle = oracle is None
         self.oracle = oracle or Instance("oracle", spec.without_connector(), Role.SINGLE, self.folder, next(cpus))
@@ -47,7 +48,7 @@ class Deployment:
 
     def transfers(self) -> dict[str, Transfer]:
         """What connectors that keep a transfer log (`transfers-*.jsonl` in `{run_dir}`) recorded."""
-        return read_transfers(sorted(self.folder.glob("transfers-*.jsonl")))
+        return self.logs.update()
 
     def run(self, requests: list[GenRequest], batch: int, deadline_s: float, between=None) -> list[PDResult]:
         """The `batch`-th batch of requests through its pair's two legs (`between()` runs

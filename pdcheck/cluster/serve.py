@@ -10,6 +10,7 @@ interval with its HTTP and KV addresses; a single instance (an oracle) gets neit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -32,8 +33,6 @@ def server_argv(spec: EngineSpec, role: Role, port: int, kv_port: int, run_dir: 
             "--enforce-eager", "--seed", "0", "--max-num-seqs", "64", "--enable-prompt-tokens-details",
             "--enable-prefix-caching" if spec.prefix_caching else "--no-enable-prefix-caching"]
     if role is not Role.SINGLE:
-        import json
-
         argv += ["--kv-transfer-config", json.dumps(spec.connector.kv_transfer_config(run_dir, kv_port))]
     return argv
 

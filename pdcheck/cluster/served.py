@@ -28,7 +28,7 @@ from pdcheck.cluster.instance import cache_dir, free_port
 from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
 from pdcheck.cluster.serve import wait_healthy
 from pdcheck.config import EngineSpec, Role
-from pdcheck.connector.stats import Transfer, read_transfers
+from pdcheck.connector.stats import Transfer, TransferLogs
 from pdcheck.errors import InstanceFailed
 from pdcheck.pd import PDResult
 from pdcheck.proxy.server import Proxy, ProxySettings
@@ -152,6 +152,7 @@ class ServedCluster:
     def __init__(self, spec: EngineSpec, run_dir: Path, num_prefill: int = 1, num_decode: int = 1,
                  settings: ProxySettings = ProxySettings(expiry_s=3.0, heartbeat_interval_s=0.5), policy=None):
         self.spec, self.folder = spec, run_dir
+        self.logs = TransferLogs(run_dir)
         prefill_params = dict(spec.connector.prefill_params)
         self.proxy = Proxy(settings, policy, prefill_params)
         cpus = iter(cpu_plan(1 + num_prefill + num_decode))
@@ -220,7 +221,7 @@ class ServedCluster:
         raise InstanceFailed(f"the proxy did not list {sorted(want)} within {timeout_s}s")
 
     def transfers(self) -> dict[str, Transfer]:
-        return read_transfers(sorted(self.folder.glob("transfers-*.jsonl")))
+        return self.logs.update()
 
     def close(self) -> None:
         for instance in self.instances:

@@ -1,8 +1,9 @@
 """Transfer stats: one JSON line per save and per load, so a checker can tell KV that really
 moved from a fallback (decode recomputing) and see how long each transfer took.
 
-The worker half appends to `stats_path` (one file per instance); `read_transfers` folds every
-file of a deployment into one `Transfer` per transfer key.
+The worker half appends to `stats_path` (one file per instance); `read_transfers` folds files
+into one `Transfer` per transfer key, and `TransferLogs` does the same for a deployment's
+folder as its logs grow.
 """
 
 from __future__ import annotations
@@ -46,19 +47,46 @@ class TransferLog:
             f.write(line)
 
 
+DECODER = msgspec.json.Decoder(TransferRecord)
+
+
+def fold(transfers: dict[str, Transfer], lines: list[bytes]) -> None:
+    """Add log lines to the per-key totals in `transfers`."""
+    for line in lines:
+        record = DECODER.decode(line)
+        transfer = transfers.setdefault(record.transfer_key, Transfer())
+        if record.error:
+            transfer.errors.append(f"{record.side}: {record.error}")
+        elif record.side == "save":
+            transfer.saved_blocks += record.blocks
+        else:
+            transfer.loaded_blocks += record.blocks
+            transfer.loaded_bytes += record.bytes
+            transfer.load_seconds += record.seconds
+
+
 def read_transfers(paths: list[Path]) -> dict[str, Transfer]:
     transfers: dict[str, Transfer] = {}
-    decoder = msgspec.json.Decoder(TransferRecord)
     for path in paths:
-        for line in path.read_bytes().splitlines() if path.exists() else []:
-            record = decoder.decode(line)
-            transfer = transfers.setdefault(record.transfer_key, Transfer())
-            if record.error:
-                transfer.errors.append(f"{record.side}: {record.error}")
-            elif record.side == "save":
-                transfer.saved_blocks += record.blocks
-            else:
-                transfer.loaded_blocks += record.blocks
-                transfer.loaded_bytes += record.bytes
-                transfer.load_seconds += record.seconds
+        fold(transfers, path.read_bytes().splitlines() if path.exists() else [])
     return transfers
+
+
+class TransferLogs:
+    """A deployment's transfer logs (`transfers-*.jsonl` in its folder), folded as they grow:
+    each `update` reads only the whole lines appended since the last one."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.offsets: dict[Path, int] = {}
+        self.transfers: dict[str, Transfer] = {}
+
+    def update(self) -> dict[str, Transfer]:
+        for path in sorted(self.folder.glob("transfers-*.jsonl")):
+            with path.open("rb") as f:
+                f.seek(self.offsets.get(path, 0))
+                data = f.read()
+            complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+            self.offsets[path] = self.offsets.get(path, 0) + len(complete)
+            fold(self.transfers, complete.splitlines())
+        return self.transfers
