@@ -214,14 +214,18 @@ class NcclPeer:
     def recv_blocks(self, specs: list[LayerSpec], *, verify: bool = True, block_ids=None) -> Transfer:
         """Post the receive of one request; `block_ids` only name blocks in a ChecksumError."""
         deadline_at = time.monotonic() + self.deadline_s
-        with torch.cuda.stream(self.recv_stream):
-            base, tensors = request_buffer(specs, self.device)
+        base, tensors = self.receive_buffer(specs)
         with self.group(deadline_at):
             self.post("ncclRecv", tensors, self.recv_stream)
         if not verify:
             return Transfer(self, tensors, recorded(self.recv_stream), base)
         check = self.post_check(base, tensors, deadline_at, block_ids)
         return Transfer(self, tensors, recorded(self.sum_stream), base, check)
+
+    def receive_buffer(self, specs: list[LayerSpec]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A request's receive allocation, made on the receive stream that writes it."""
+        with torch.cuda.stream(self.recv_stream):
+            return request_buffer(specs, self.device)
 
     def post_check(self, base, tensors: list[torch.Tensor], deadline_at: float, block_ids) -> ChecksumCheck:
         """Receive the sender's checksums, then recompute them on the checksum stream, so the

@@ -21,11 +21,9 @@ works like NcclPeer. Never ship these: they exist to be caught.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from pdcheck.connector.nccl import LayerSpec, NcclPeer, Transfer, recorded, request_buffer
+from pdcheck.connector.nccl import LayerSpec, NcclPeer, request_buffer
 
 
 class MutantPeer(NcclPeer):
@@ -39,17 +37,10 @@ class MutantPeer(NcclPeer):
 
 
 class RecvOnOtherStream(MutantPeer):
-    """recv_blocks with the buffer allocated on the caller's current stream (#20263)."""
+    """The receive buffer allocated on the caller's current stream (#20263)."""
 
-    def recv_blocks(self, specs: list[LayerSpec], *, verify: bool = True, block_ids=None) -> Transfer:
-        deadline_at = time.monotonic() + self.deadline_s
-        base, tensors = request_buffer(specs, self.device)  # BUG: not under torch.cuda.stream(self.recv_stream)
-        with self.group(deadline_at):
-            self.post("ncclRecv", tensors, self.recv_stream)
-        if not verify:
-            return Transfer(self, tensors, recorded(self.recv_stream), base)
-        check = self.post_check(base, tensors, deadline_at, block_ids)
-        return Transfer(self, tensors, recorded(self.sum_stream), base, check)
+    def receive_buffer(self, specs: list[LayerSpec]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return request_buffer(specs, self.device)  # BUG: not under torch.cuda.stream(self.recv_stream)
 
 
 class SendBeforeKVWrite(MutantPeer):
