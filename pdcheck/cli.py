@@ -149,7 +149,8 @@ def serve_spec(args) -> EngineSpec:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    # soft_wrap: a path or command line printed is never folded, so it can be copied (tables still fit the width)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 120, soft_wrap=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # `kill -USR1`: every stack
     try:

@@ -33,8 +33,10 @@ DEADLINE_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def served(pd_run_dir):
+def served(pd_run_dir, pd_pool):
     from pdcheck.cluster.served import ServedCluster
+
+    pd_pool.release()  # five served instances: the pool's engines would crowd them out of memory and cores
 
     spec = EngineSpec(model=model_path(MODEL), dtype="bfloat16", connector=connector_spec("reference"))
     with ServedCluster(spec, pd_run_dir / "served-2p2d", num_prefill=2, num_decode=2) as cluster:

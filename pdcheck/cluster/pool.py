@@ -83,10 +83,15 @@ class DeploymentPool:
             self.memo[key] = compute()
         return self.memo[key]
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Stop every deployment and oracle now (the next `get` starts afresh): for a test that
+        needs the machine's memory and cores for instances of its own."""
         for deployment, _ in [*self.alive.values(), *self.starting.values()]:
             deployment.close()
         self.alive.clear()
         self.starting.clear()
         self.close_unused_oracles()
+
+    def close(self) -> None:
+        self.release()
         stop_engine_server()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,7 @@ from pdcheck.proxy.server import Proxy, ProxySettings
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 10.0
 PR_SET_PDEATHSIG = 1
+ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b:|Killed|out of memory")
 
 
 def die_with_parent() -> None:
@@ -142,8 +144,12 @@ def with_group_gone(pgid: int) -> None:
 
 
 def log_tail(path: Path, lines: int = 5) -> str:
+    """The log's last lines, led by its first error line (vLLM's last line only says "see root
+    cause above")."""
     text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-    return " | ".join(text[-lines:]) or "no output"
+    first = next((line for line in text if ERROR_LINE.search(line)), None)
+    shown = text[-lines:]
+    return " | ".join(([f"first error: {first.strip()} ..."] if first and first not in shown else []) + shown) or "no output"
 
 
 class ServedCluster:
