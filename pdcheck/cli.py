@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--topology", type=topology_option, default=(1, 1), help="xPyD, e.g. 2P2D (default 1P1D)")
     run.add_argument("--serve", action="store_true", help="`pdcheck serve` instances behind the proxy, over HTTP")
     run.add_argument("--nemesis", type=int, metavar="SEED",
-                     help="pause prefill (between the legs) or decode (as a batch starts) on a seeded schedule")
+                     help="on a seeded schedule: pause prefill (between the legs) or decode (as a batch starts), "
+                          "or abandon a batch between the legs")
     blackbox = run.add_argument_group("black-box mode: a deployment pdcheck did not start")
     blackbox.add_argument("--target", help="the PD deployment's OpenAI-compatible URL")
     blackbox.add_argument("--oracle", help="a single-node baseline's OpenAI-compatible URL")

@@ -37,10 +37,19 @@ class Checked(msgspec.Struct):
     counted: str = ""  # the summary column: the outcome, or `known` for a known defect as recorded
     transfer: Transfer | None = None  # what the connector's transfer log says moved, if it keeps one
     faulted: bool = False  # a fault hit its batch: a clean error (or a recompute) is then allowed
+    leak: str | None = None  # an instance still held the request after the drain (see `leaks`)
+
+    @property
+    def outcome(self) -> str:
+        """The class the request ends in: its verdict's outcome, or `leak`."""
+        return "leak" if self.leak else self.verdict.outcome.value
 
     @property
     def passed(self) -> bool:
-        """Matched with no known defect expected, or showed a known defect as recorded."""
+        """Matched with no known defect expected, or showed a known defect as recorded; never
+        a request still held after the drain."""
+        if self.leak:
+            return False
         if self.known_defect:
             return self.counted == "known"
         if self.faulted:
@@ -66,13 +75,15 @@ def check(
     earlier: list[int] = []
     for start in range(0, len(requests), concurrency):
         batch = requests[start : start + concurrency]
+        index = start // concurrency
+        # a served cluster's proxy picks each request's pair itself: there the history cannot name it
+        pair = deployment.pair(index) if hasattr(deployment, "pair") else None
+        lane = {"prefill": pair[0].name, "decode": pair[1].name} if pair else {}
         for request in batch:
             history.record("invoke", config=spec.label, request_id=request.request_id, prompt_len=len(request.prompt),
-                           topology=deployment.topology)
-        index = start // concurrency
+                           topology=deployment.topology, **lane)
         between = None
         if nemesis:
-            pair = deployment.pair(index)
             nemesis.due(index, "start", *pair)
             between = functools.partial(nemesis.due, index, "between", *pair)
         results = deployment.run(batch, index, DEADLINE_S, between)
@@ -84,21 +95,30 @@ def check(
             earlier.append(len(request.prompt))
             history.record(completion_kind(item.verdict.outcome), config=spec.label, request_id=request.request_id,
                            verdict=item.verdict, external_tokens=item.external_tokens, known_defect=item.known_defect,
-                           transfer=item.transfer, faulted=item.faulted, tokens=pd.result.token_ids)
+                           transfer=item.transfer, faulted=item.faulted, tokens=pd.result.token_ids,
+                           expected=expected[request.request_id].token_ids)
             checked.append(item)
             if on_result:
                 on_result(item)
     return calibration, checked
 
 
-def leaks(deployment: Deployment, history: History, timeout_s: float = 10.0) -> list[str]:
-    """Instances that still hold KV blocks or requests after the workload, once drained."""
+def leaks(deployment: Deployment, history: History, timeout_s: float = 10.0,
+          checked: list[Checked] = ()) -> list[str]:
+    """Instances that still hold KV blocks or requests after the workload, once drained. Each
+    of `checked` that an instance still holds is classed a leak (its `leak` says where), and
+    written to the history as such."""
     found = []
     for instance in deployment.instances:
         state = instance.drain(timeout_s)
         history.record("note", config=deployment.spec.label, instance=instance.name, drained=state)
         if state is None or not state.idle:
             found.append(f"{instance.name}: {state or 'not running'}")
+        for item in checked:
+            if state is not None and item.verdict.request_id in state.held:
+                item.leak = f"{instance.name} still holds it after the drain"
+                item.counted = "leak"
+                history.record("fail", config=item.config, request_id=item.verdict.request_id, leak=item.leak)
     return found
 
 

@@ -36,6 +36,7 @@ def prefill_request(request: GenRequest, connector: ConnectorSpec, decode: Insta
 # vLLM's prefill scheduler adds this accounting field; on decode it would replace decode's own
 # cached-token count with prefill's, hiding what decode loaded. It is not connector data.
 ACCOUNTING_KEYS = ("remote_prefill_cached_tokens",)
+ABANDONED = "abandoned by the client between the legs (decode leg never sent)"
 
 
 def decode_request(request: GenRequest, prefilled: GenResult, connector: ConnectorSpec) -> GenRequest:
@@ -64,10 +65,12 @@ def run_pd(
     between=None,
 ) -> list[PDResult]:
     """Both legs for a batch of requests: prefill runs them together, then (after `between()`,
-    if given) decode does."""
+    if given) decode does, unless `between()` says the client abandoned the batch: then decode
+    never hears of it, and each request ends as that error."""
     prefilled = prefill.generate([prefill_request(r, connector, decode) for r in requests], deadline_s)
-    if between:
-        between()
+    if between and between():
+        return [PDResult(result=msgspec.structs.replace(p, token_ids=[], error=p.error or ABANDONED), external_tokens=0,
+                         prefill=p) for p in prefilled]
     to_decode = [(r, p) for r, p in zip(requests, prefilled) if p.ok]
     decoded = decode.generate([decode_request(r, p, connector) for r, p in to_decode], deadline_s)
     by_id = {d.request_id: d for d in decoded}

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from pdcheck.known_defects import KNOWN_DEFECTS
 
-COLUMNS = ["match", "diverged", "error", "hang", "fallback", "known"]
+COLUMNS = ["match", "diverged", "error", "hang", "fallback", "known", "leak"]
 
 
 def print_summary(console: Console, configs: list[dict]) -> None:
@@ -36,4 +36,6 @@ def failure_line(checked) -> str:
     v = checked.verdict
     where = f" at token {v.position}: expected {v.expected} got {v.actual}" if v.position is not None else ""
     expected = f" (known defect {checked.known_defect} no longer shows)" if checked.known_defect else ""
+    if checked.leak:
+        return f"{checked.config} len={checked.prompt_len} {v.request_id}: leak ({v.outcome.value}, then {checked.leak})"
     return f"{checked.config} len={checked.prompt_len} {v.request_id}: {v.outcome.value}{expected} {v.detail}{where}"

@@ -12,8 +12,9 @@ import shlex
 from pdcheck.config import BUILTIN_DEFAULTS, DecodePrompt, EngineSpec
 
 
-def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[int]) -> str:
-    """`lengths`: the prompt lengths sent, in order, ending with the failing request's."""
+def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[int], nemesis: int | None = None) -> str:
+    """`lengths`: the prompt lengths sent, in order, ending with the failing request's. A
+    nemesis plan for fewer requests is the start of the plan for more, so the seed replays it."""
     connector = spec.connector
     parts = ["pdcheck", "run", "--model", str(spec.model), "--dtype", spec.dtype,
              "--block-size", str(spec.block_size), "--max-model-len", str(spec.max_model_len),
@@ -25,4 +26,6 @@ def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[i
         parts += ["--connector-config", json.dumps(extra, sort_keys=True)]
     if connector.decode_prompt is not defaults.get("decode_prompt", DecodePrompt.ORIGINAL):
         parts += ["--decode-prompt", connector.decode_prompt.value]
+    if nemesis is not None:
+        parts += ["--nemesis", str(nemesis)]
     return shlex.join(parts)

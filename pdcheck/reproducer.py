@@ -1,11 +1,13 @@
 """Reproducers: repro.json for every failing request of a run, replayed by `pdcheck repro`.
 
-A repro holds what the run had: the engine and connector settings, the topology, and the
+A repro holds what the run had: the engine and connector settings, the topology, the
 requests sent to that configuration in order, ending with the failing one (earlier requests
-can leave state behind: stored KV, cached prefixes), plus the outcome seen. `replay` runs them
-on a fresh deployment and oracle and judges the last one again; `shrink` drops earlier requests
-by deterministic deletion passes (halves, then quarters, ... then single requests) while the
-failure still shows.
+can leave state behind: stored KV, cached prefixes), the nemesis faults planned for them (each
+on its request's index), and the outcome seen. `replay` runs them on a fresh deployment and
+oracle, with the same faults, and judges the last one again after the drain; `shrink` drops
+faults one at a time, then earlier requests by deterministic deletion passes (halves, then
+quarters, ... then single requests; a fault goes with its request), while the failure still
+shows.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import msgspec
 from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import FIXTURES, ConnectorSpec, DecodePrompt, EngineSpec, model_path
 from pdcheck.errors import BadInput
+from pdcheck.nemesis.schedule import Planned
 
 VERSION = 1
 
@@ -33,9 +36,10 @@ class Repro(msgspec.Struct):
     topology: tuple[int, int]
     seed: int
     requests: list[GenRequest]  # in the order sent; the last one failed
-    outcome: str  # what the last one did: diverged, error, hang, fallback
+    outcome: str  # what the last one did: diverged, error, hang, fallback, leak
     detail: str = ""
     version: int = VERSION
+    faults: list[Planned] = []  # batch: the index of the request it hits
 
     @property
     def spec(self) -> EngineSpec:
@@ -47,13 +51,15 @@ class Repro(msgspec.Struct):
         return EngineSpec(**engine, connector=ConnectorSpec(**connector))
 
 
-def make_repro(spec: EngineSpec, topology, seed: int, requests: list[GenRequest], outcome: str, detail: str) -> Repro:
+def make_repro(spec: EngineSpec, topology, seed: int, requests: list[GenRequest], outcome: str, detail: str,
+               faults: list[Planned] = ()) -> Repro:
     engine = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "connector"}
     engine["model"] = str(spec.model)
     c = spec.connector
     connector = {"name": c.name, "extra_config": dict(c.extra_config), "decode_prompt": c.decode_prompt.value,
                  "prefill_params": dict(c.prefill_params)}
-    return Repro(engine, connector, tuple(topology), seed, requests, outcome, detail)
+    faults = [f for f in faults if f.batch < len(requests)]
+    return Repro(engine, connector, tuple(topology), seed, requests, outcome, detail, faults=faults)
 
 
 def write(repro: Repro, path: Path) -> Path:
@@ -76,35 +82,58 @@ def read(path: Path) -> Repro:
 
 
 def replay(repro: Repro, run_dir: Path, name: str, history):
-    """The failing request's verdict on a fresh deployment (the earlier requests sent first)."""
+    """The failing request's verdict on a fresh deployment (the earlier requests sent first),
+    after the drain (so a leak shows)."""
     from pdcheck.cluster.deployment import Deployment
-    from pdcheck.gate import check
+    from pdcheck.gate import check, leaks
+    from pdcheck.nemesis.schedule import Nemesis
 
+    nemesis = Nemesis(repro.faults, history) if repro.faults else None
     with Deployment(repro.spec, run_dir, name, None, *repro.topology) as deployment:
-        return check(deployment, repro.requests, history)[1][-1]
+        try:
+            checked = check(deployment, repro.requests, history, nemesis=nemesis)[1]
+        finally:
+            if nemesis:
+                nemesis.heal_all()
+        leaks(deployment, history, checked=checked[-1:])
+        return checked[-1]
 
 
-def shrink(repro: Repro, fails: Callable[[list[GenRequest]], bool]) -> Repro:
-    """Drop earlier requests while `fails(requests)` holds (ddmin over the prefix)."""
-    *before, failing = repro.requests
+def shrink(repro: Repro, fails: Callable[[Repro], bool]) -> Repro:
+    """Drop faults one at a time, then earlier requests (ddmin over the prefix), while
+    `fails(candidate)` holds."""
+    for fault in list(repro.faults):
+        candidate = msgspec.structs.replace(repro, faults=[f for f in repro.faults if f != fault])
+        if fails(candidate):
+            repro = candidate
+    before = list(range(len(repro.requests) - 1))  # indexes of the earlier requests kept
     parts = 2
     while before:
         size = math.ceil(len(before) / parts)
         for start in range(0, len(before), size):
             candidate = before[:start] + before[start + size:]
-            if fails([*candidate, failing]):
+            if fails(keep(repro, candidate)):
                 before, parts = candidate, max(parts - 1, 2)
                 break
         else:
             if size == 1:
                 break
             parts = min(len(before), parts * 2)
-    return msgspec.structs.replace(repro, requests=[*before, failing])
+    return keep(repro, before)
+
+
+def keep(repro: Repro, earlier: list[int]) -> Repro:
+    """The repro with only these earlier requests and the failing one; faults move with their
+    requests, and go with them."""
+    kept = [*earlier, len(repro.requests) - 1]
+    index = {old: new for new, old in enumerate(kept)}
+    faults = [msgspec.structs.replace(f, batch=index[f.batch]) for f in repro.faults if f.batch in index]
+    return msgspec.structs.replace(repro, requests=[repro.requests[i] for i in kept], faults=faults)
 
 
 def reproduced(checked, repro: Repro) -> bool:
     """The last request failed as recorded (a known defect counts: the file says what it saw)."""
-    return repro.outcome != "match" and checked.verdict.outcome.value == repro.outcome
+    return repro.outcome != "match" and checked.outcome == repro.outcome
 
 
 def run_repro(args, stack, console) -> int:
@@ -124,24 +153,24 @@ def run_repro(args, stack, console) -> int:
                   f"({repro.topology[0]}P{repro.topology[1]}D); recorded: {repro.outcome}", markup=False)
     checked = replay(repro, store.folder, "replay", store.history)
     if not reproduced(checked, repro):
-        console.print(f"did not reproduce: the request now ends as {checked.verdict.outcome.value} "
+        console.print(f"did not reproduce: the request now ends as {checked.outcome} "
                       f"(recorded: {repro.outcome})",
                       markup=False)
         return 1
-    console.print(f"reproduced: {checked.verdict.outcome.value} {checked.verdict.detail}", markup=False)
+    console.print(f"reproduced: {checked.outcome} {checked.leak or checked.verdict.detail}", markup=False)
     if args.export:
         console.print(f"standalone script: python {args.export}", markup=False)
     if args.shrink:
         attempts = count()
 
-        def fails(requests) -> bool:
-            candidate = msgspec.structs.replace(repro, requests=requests)
+        def fails(candidate: Repro) -> bool:
             return reproduced(replay(candidate, store.folder, f"shrink-{next(attempts)}", store.history), repro)
 
         smaller = shrink(repro, fails)
         path = write(smaller, args.file.with_name(args.file.stem + ".min.json"))
-        console.print(f"shrunk from {len(repro.requests)} to {len(smaller.requests)} requests in "
-                      f"{next(attempts)} replays: pdcheck repro {path}", markup=False)
+        console.print(f"shrunk from {len(repro.requests)} to {len(smaller.requests)} requests and from "
+                      f"{len(repro.faults)} to {len(smaller.faults)} faults in {next(attempts)} replays: "
+                      f"pdcheck repro {path}", markup=False)
     return 0
 
 

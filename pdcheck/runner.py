@@ -20,6 +20,7 @@ from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import DecodePrompt, EngineSpec
 from pdcheck.errors import BadInput
 from pdcheck.gate import check, leaks
+from pdcheck.html_report import write_report
 from pdcheck.nemesis.schedule import Nemesis, plan
 from pdcheck.repro import replay_command
 from pdcheck.reproducer import make_repro
@@ -70,31 +71,35 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
             if i + 1 < len(deployments):
                 deployments[i + 1].start()
             progress.update(task, description=f"checking {deployment.spec.label}")
-            nemesis = None
+            nemesis, faults = None, []
             if args.nemesis is not None:
-                nemesis = Nemesis(plan(args.nemesis, len(requests)), store.history)
+                faults = plan(args.nemesis, len(requests))
+                nemesis = Nemesis(faults, store.history)
                 stack.callback(nemesis.heal_all)
             calibration, checked = check(deployment, requests, store.history, on_result=lambda _: progress.advance(task),
                                          nemesis=nemesis)
-            leaked = leaks(deployment, store.history)
+            leaked = leaks(deployment, store.history, checked=checked)
             deployment.close()
             configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked,
-                            "leaks": leaked})
-    failures = [(spec, sent, cfg["requests"], c) for spec, sent, cfg in zip(specs, workloads, configs)
+                            "leaks": leaked, "faults": faults})
+    failures = [(spec, sent, cfg, c) for spec, sent, cfg in zip(specs, workloads, configs)
                 for c in cfg["requests"] if not c.passed]
     leaked = [f"{cfg['config']} {leak}" for cfg in configs for leak in cfg["leaks"]]
     verdict = "valid" if not failures and not leaked else "invalid"
     store.write_results({"verdict": verdict, "configs": configs})
     report.print_summary(console, configs)
     report.print_known_defects(console, configs)
-    for spec, sent, judged, c in failures:
+    for spec, sent, cfg, c in failures:
         console.print(report.failure_line(c), markup=False, highlight=False)
-        index = judged.index(c)
-        replay = replay_command(spec, args.seed, args.max_tokens, [r.prompt_len for r in judged[: index + 1]])
-        repro = make_repro(spec, args.topology, args.seed, sent[: index + 1], c.verdict.outcome.value, c.verdict.detail)
+        index = cfg["requests"].index(c)
+        replay = replay_command(spec, args.seed, args.max_tokens, [r.prompt_len for r in cfg["requests"][: index + 1]],
+                                args.nemesis)
+        repro = make_repro(spec, args.topology, args.seed, sent[: index + 1], c.outcome, c.leak or c.verdict.detail,
+                           cfg["faults"])
         path = write_repro(repro, store.folder / f"repro-{len(sent[index].prompt)}-{spec.model.name}-{spec.dtype}.json")
         console.print(f"  replay: {replay}\n  reproduce: pdcheck repro {path}", markup=False, highlight=False)
     for leak in leaked:
         console.print(f"leak after drain: {leak}", markup=False, highlight=False)
     console.print(f"verdict: {verdict}   results: {store.folder / 'results.json'}", markup=False)
+    console.print(f"report: {write_report(store.folder)}", markup=False)
     return 0 if verdict == "valid" else 1

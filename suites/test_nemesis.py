@@ -18,7 +18,7 @@ from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
 from pdcheck.history import read_history
-from pdcheck.nemesis.schedule import Nemesis, plan
+from pdcheck.nemesis.schedule import PAUSES, Nemesis, plan
 from pdcheck.workload.boundary import boundary_workload
 
 pytestmark = pytest.mark.vllm
@@ -30,7 +30,7 @@ def run_under_nemesis(pd_run_dir, pd_history, name: str, connector: str):
     spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference", SETTINGS))
     spec = dataclasses.replace(spec, connector=dataclasses.replace(spec.connector, name=connector))
     requests = [r for r in boundary_workload(spec) if len(r.prompt) > spec.block_size][:12]
-    faults = plan(SEED, len(requests), rate=0.5)
+    faults = plan(SEED, len(requests), rate=0.5, kinds=PAUSES)
     nemesis = Nemesis(faults, pd_history)
     with Deployment(spec, pd_run_dir, name) as deployment:
         try:

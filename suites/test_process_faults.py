@@ -6,10 +6,14 @@ connection and says nothing. The pull must end at the connector's deadline (1 s)
 prefill resumes, the next requests match, and after the drain nothing is held: the KV nobody
 pulled is dropped after `hold_s` (3 s here) and its blocks freed. Every fault is written to the
 history with its window. Decode paused between the legs only delays the request.
+
+Negative control: NoPullDeadline, whose pull retries with no deadline, hangs on the paused
+prefill: decode answers nothing until the gate's own deadline ends the request as a hang.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -44,20 +48,34 @@ class Paused:
         self.history.record("note", fault="pause", instance=self.instance.name, phase="heal")
 
 
+def settings(policy: str) -> str:
+    return f'{{"deadline_s": {DEADLINE_S}, "hold_s": {HOLD_S}, "kv_load_failure_policy": "{policy}"}}'
+
+
+def replay(request) -> str:
+    return f"replay: python -m pytest '{request.node.nodeid}' -p no:cacheprovider -q"
+
+
+def pull_from_paused_prefill(deployment, victim, history, deadline_s: float = 30):
+    """The victim's prefill leg, then its decode leg with prefill paused: (expected, decoded, seconds)."""
+    prefill, decode = deployment.pair(0)
+    connector = deployment.spec.connector
+    expected = deployment.oracle.generate([victim], 30)[0]
+    prefilled = prefill.generate([prefill_request(victim, connector, decode)], 30)[0]
+    with Paused(prefill, history):
+        started = time.monotonic()
+        decoded = decode.generate([decode_request(victim, prefilled, connector)], deadline_s)[0]
+        return expected, decoded, time.monotonic() - started
+
+
 @pytest.mark.parametrize("policy", ["fail", pytest.param("recompute", marks=pytest.mark.slow)])
 def test_prefill_paused_during_the_pull_ends_in_time_and_leaves_nothing_held(policy, pd_run_dir, pd_history):
-    settings = f'{{"deadline_s": {DEADLINE_S}, "hold_s": {HOLD_S}, "kv_load_failure_policy": "{policy}"}}'
-    spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference", settings))
+    spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16",
+                      connector=connector_spec("reference", settings(policy)))
     requests = boundary_workload(spec)
     victim = requests[6]  # 95 tokens: three blocks
     with Deployment(spec, pd_run_dir, f"pause-prefill-{policy}") as deployment:
-        prefill, decode = deployment.pair(0)
-        expected = deployment.oracle.generate([victim], 30)[0]
-        prefilled = prefill.generate([prefill_request(victim, spec.connector, decode)], 30)[0]
-        with Paused(prefill, pd_history):
-            started = time.monotonic()
-            decoded = decode.generate([decode_request(victim, prefilled, spec.connector)], 30)[0]
-            elapsed = time.monotonic() - started
+        expected, decoded, elapsed = pull_from_paused_prefill(deployment, victim, pd_history)
         assert elapsed < DEADLINE_S + 5, f"decode took {elapsed:.1f}s against a {DEADLINE_S}s deadline"
         verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expects_transfer=False)
         want = Outcome.ERROR if policy == "fail" else Outcome.MATCH
@@ -65,6 +83,20 @@ def test_prefill_paused_during_the_pull_ends_in_time_and_leaves_nothing_held(pol
         _, checked = check(deployment, requests[:9], pd_history)
         assert all(c.verdict.outcome is Outcome.MATCH for c in checked), [c.verdict for c in checked]
         assert leaks(deployment, pd_history, timeout_s=HOLD_S + 7) == []
+
+
+def test_a_pull_with_no_deadline_is_caught_hanging_on_the_paused_prefill(pd_run_dir, pd_history, request, monkeypatch):
+    from pdcheck.cluster import instance
+
+    monkeypatch.setattr(instance, "REPLY_GRACE_S", 2.0)  # judge the hang in seconds
+    reference = connector_spec("reference", settings("fail"))
+    mutant = dataclasses.replace(reference, name="pdcheck.mutants.connector:NoPullDeadline")
+    spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=mutant)
+    victim = boundary_workload(spec)[6]
+    with Deployment(spec, pd_run_dir, "pause-prefill-no-deadline") as deployment:
+        expected, decoded, elapsed = pull_from_paused_prefill(deployment, victim, pd_history, deadline_s=4)
+    verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expects_transfer=False)
+    assert verdict.outcome is Outcome.HANG, f"{verdict} after {elapsed:.1f}s\n{replay(request)}"
 
 
 @pytest.mark.slow

@@ -57,12 +57,14 @@ def test_reference_connector_matches_oracle_2p2d(mode, model, pd_pool, pd_histor
             blocks = -(-(len(r.prompt) - 1) // spec.block_size)
             moved = c.transfer and (c.transfer.saved_blocks, c.transfer.loaded_blocks, c.transfer.errors)
             assert moved == (blocks, blocks, []), f"len {len(r.prompt)}: transfer log {c.transfer}, expected {blocks} blocks"
-    assert leaks(deployment, pd_history) == [], "KV blocks or requests held after drain"
+    leaked = leaks(deployment, pd_history, checked=checked)
+    assert leaked == [] and not [c.leak for c in checked if c.leak], f"held after the drain: {leaked}"
 
 
 @pytest.mark.vllm
 def test_blocks_never_released_are_reported_as_a_leak(pd_pool, pd_history):
-    """Negative control for the drain check: prefill that never frees its blocks is caught."""
+    """Negative control for the drain check: prefill that never frees its blocks is caught, and
+    each request it still holds is classed a leak: exactly those whose KV it saved."""
     spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference"))
     mutant = dataclasses.replace(spec.connector, name="pdcheck.mutants.controls:NeverReleaseConnector")
     leaky = dataclasses.replace(spec, connector=mutant)
@@ -70,8 +72,11 @@ def test_blocks_never_released_are_reported_as_a_leak(pd_pool, pd_history):
     requests = boundary_workload(spec)[:6]
     _, checked = check(deployment, requests, pd_history, oracle)
     assert all(c.verdict.outcome is Outcome.MATCH for c in checked)
-    leaked = leaks(deployment, pd_history, timeout_s=1.0)
+    leaked = leaks(deployment, pd_history, timeout_s=1.0, checked=checked)
     assert [name.split(":")[0] for name in leaked] == ["prefill0"], leaked
+    saved = [c.prompt_len for c in checked if c.transfer and c.transfer.saved_blocks]
+    assert saved and [c.prompt_len for c in checked if c.outcome == "leak"] == saved, [c.leak for c in checked]
+    assert all(c.leak == "prefill0 still holds it after the drain" and not c.passed for c in checked if c.leak)
 
 
 @pytest.mark.vllm

@@ -28,6 +28,8 @@ def failing_run(tmp_path, capfd):
     assert "reproduce: pdcheck repro" in out and path.name in out, out
     repro = read(path)
     assert [len(r.prompt) for r in repro.requests] == [33, 65] and repro.outcome == "diverged"
+    report = (runs / "latest" / "report.html").read_text()
+    assert "r-len65: diverged" in report and 'data-outcome="diverged" data-failed="1"' in report
     return runs, path, repro
 
 
@@ -61,11 +63,31 @@ def test_shrinking_drops_every_earlier_request_the_failure_does_not_need(needed,
 
     def fails(candidate) -> bool:
         attempts.append(candidate)
-        return candidate[-1].request_id == "failing" and needed <= {r.request_id for r in candidate}
+        sent = candidate.requests
+        return sent[-1].request_id == "failing" and needed <= {r.request_id for r in sent}
 
     smaller = shrink(repro, fails)
     assert [r.request_id for r in smaller.requests] == (kept or [r.request_id for r in requests])
     assert len(attempts) <= 2 * len(requests), f"{len(attempts)} replays"
+
+
+def test_shrinking_drops_faults_the_failure_does_not_need_and_moves_the_rest_with_their_requests():
+    """Faults go first, one at a time; then requests, each fault staying on its request (whose
+    index changes as earlier requests go) or going with it."""
+    from pdcheck.nemesis.schedule import Planned
+    from pdcheck.reproducer import Repro, shrink
+
+    requests = [GenRequest(f"r{i}", [5, i], 4) for i in range(6)] + [GenRequest("failing", [9], 4)]
+    faults = [Planned(1, "prefill", 1.0), Planned(3, "abort", 0.0), Planned(4, "decode", 0.5), Planned(6, "abort", 0.0)]
+    repro = Repro({}, {}, (1, 1), 0, requests, "leak", faults=faults)
+
+    def fails(candidate) -> bool:  # needs r3 aborted and the failing request aborted
+        hit = {candidate.requests[f.batch].request_id: f.target for f in candidate.faults}
+        return hit.get("r3") == "abort" and hit.get("failing") == "abort"
+
+    smaller = shrink(repro, fails)
+    assert [r.request_id for r in smaller.requests] == ["r3", "failing"]
+    assert smaller.faults == [Planned(0, "abort", 0.0), Planned(1, "abort", 0.0)]
 
 
 @pytest.mark.parametrize("content, message", [

@@ -26,6 +26,7 @@ from pdcheck.checker.oracle import Calibration, Oracle
 from pdcheck.cluster.messages import GenRequest, GenResult
 from pdcheck.errors import BadInput
 from pdcheck.gate import Checked, completion_kind
+from pdcheck.html_report import write_report
 from pdcheck.store import RunStore
 
 DEADLINE_S = 120.0
@@ -189,4 +190,5 @@ def finish(store, console, configs: list[dict], leaked: list[str]) -> int:
     for leak in leaked:
         console.print(f"leak after drain: {leak}", markup=False, highlight=False)
     console.print(f"verdict: {verdict_}   results: {store.folder / 'results.json'}", markup=False)
+    console.print(f"report: {write_report(store.folder)}", markup=False)
     return 0 if verdict_ == "valid" else 1

@@ -128,7 +128,25 @@ def engine_state(engine) -> EngineState:
         kv_cache_usage=float(gauges.get("vllm:kv_cache_usage_perc", 0.0)),
         running=int(gauges.get("vllm:num_requests_running", 0)),
         waiting=int(gauges.get("vllm:num_requests_waiting", 0)),
+        held=held_requests(engine),
+        connector=connector_held(),
     )
+
+
+def connector_held() -> str:
+    """What this process's connector (its worker side) says it still buffers, if it says."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    held = getattr(get_kv_transfer_group(), "held", None) if has_kv_transfer_group() else None
+    return held() if callable(held) else ""
+
+
+def held_requests(engine) -> tuple[str, ...]:
+    """The request ids the in-process scheduler still keeps, as the client sent them (vLLM adds
+    a "-" and 8 random characters to each)."""
+    core = getattr(getattr(engine, "engine_core", None), "engine_core", None)
+    scheduler = getattr(core, "scheduler", None)
+    return tuple(sorted({rid.rsplit("-", 1)[0] for rid in getattr(scheduler, "requests", {})}))
 
 
 def drain(engine, deadline: float) -> EngineState:

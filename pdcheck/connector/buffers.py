@@ -7,6 +7,9 @@ Inbox (decode): KV pushed by a peer until decode's load takes it. It holds at mo
 room when announced; one that fits in neither is refused (the sender sees an error, the load
 fails cleanly and is reported). A reservation whose bytes never come lapses after its hold, and
 pushed KV that no load claims within hold_s is dropped.
+Both read time through `clock` and the Inbox waits on a `condition()` (time.monotonic and
+threading.Condition; the protocol model, pdcheck.connector.memory, passes a fake clock and a
+condition that waits in that clock's time).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ log = logging.getLogger("pdcheck.connector")
 
 
 class Outbox:
-    def __init__(self, hold_s: float):
-        self.hold_s = hold_s
+    def __init__(self, hold_s: float, clock=time.monotonic):
+        self.hold_s, self.clock = hold_s, clock
         self.lock = threading.Lock()
         self.waiting: dict[str, tuple[str, Any, float]] = {}
         self.done: set[str] = set()
@@ -31,7 +34,7 @@ class Outbox:
     def put(self, key: str, request_id: str, frame: Any) -> None:
         """`frame`: what a pull of `key` is answered with (the TCP plane's header and bytes)."""
         with self.lock:
-            self.waiting[key] = (request_id, frame, time.monotonic() + self.hold_s)
+            self.waiting[key] = (request_id, frame, self.clock() + self.hold_s)
 
     def peek(self, key: str) -> Any | None:
         with self.lock:
@@ -52,7 +55,7 @@ class Outbox:
 
     def finished(self) -> set[str]:
         """Requests whose KV left (or expired) since the last call."""
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             for key, (request_id, _, expires) in list(self.waiting.items()):
                 if expires < now:
@@ -68,26 +71,28 @@ class Outbox:
 
 
 class Inbox:
-    def __init__(self, capacity_bytes: int, spill_bytes: int, hold_s: float | None = None):
+    def __init__(self, capacity_bytes: int, spill_bytes: int, hold_s: float | None = None,
+                 clock=time.monotonic, condition=threading.Condition):
         """`hold_s`: how long pushed KV waits for its load before it is dropped (None: forever)."""
         self.capacity_bytes, self.spill_bytes, self.hold_s = capacity_bytes, spill_bytes, hold_s
-        self.cond = threading.Condition()
+        self.clock = clock
+        self.cond = condition()
         self.entries: dict[str, torch.Tensor] = {}
         self.expires: dict[str, float] = {}
         self.reserved: dict[str, tuple[int, float]] = {}  # key: (bytes, lapses at)
 
     @property
     def used_bytes(self) -> int:
-        now = time.monotonic()
+        now = self.clock()
         held = sum(t.numel() * t.element_size() for t in self.entries.values())
         return held + sum(size for size, lapses in self.reserved.values() if lapses > now)
 
     def reserve(self, key: str, size: int, hold_s: float) -> None:
         with self.cond:
-            now = time.monotonic()
+            now = self.clock()
             self.reserved = {k: v for k, v in self.reserved.items() if v[1] > now and k != key}
             self.make_room(key, size)
-            self.reserved[key] = (size, time.monotonic() + hold_s)
+            self.reserved[key] = (size, self.clock() + hold_s)
 
     def is_reserved(self, key: str, size: int) -> bool:
         with self.cond:
@@ -104,7 +109,7 @@ class Inbox:
                 self.make_room(key, tensor.numel() * tensor.element_size())
             self.entries[key] = tensor
             if self.hold_s is not None:
-                self.expires[key] = time.monotonic() + self.hold_s
+                self.expires[key] = self.clock() + self.hold_s
             self.cond.notify_all()
 
     def make_room(self, key: str, size: int) -> None:
@@ -113,19 +118,25 @@ class Inbox:
             raise BufferError(f"receive buffer full: {key} needs {size} bytes, "
                               f"{self.used_bytes} of {self.capacity_bytes + self.spill_bytes} in use")
 
+    def expire(self) -> None:
+        """Drop what is past its hold now: the plane's server calls this as it polls, so the
+        buffer empties on time even when no further push comes to make room."""
+        with self.cond:
+            self.drop_unclaimed()
+
     def drop_unclaimed(self) -> None:
         """Drop KV whose load never came within hold_s (a decode leg that was never sent), so
         it cannot fill the buffer for good."""
-        now = time.monotonic()
+        now = self.clock()
         for key in [k for k, expires in self.expires.items() if expires < now]:
             del self.entries[key], self.expires[key]
             log.warning("dropped pushed KV %s: no load claimed it within %ss", key, self.hold_s)
 
     def take(self, key: str, deadline_s: float) -> torch.Tensor | None:
-        end = time.monotonic() + deadline_s
+        end = self.clock() + deadline_s
         with self.cond:
             while key not in self.entries:
-                left = end - time.monotonic()
+                left = end - self.clock()
                 if left <= 0:
                     return None
                 self.cond.wait(left)

@@ -85,6 +85,7 @@ class NcclServer:
                     else:
                         identity, *frames = self.socket.recv_multipart(copy=False)
                         self.route(identity.bytes, frames)
+                self.plane.inbox.expire()
         finally:
             self.retire(lambda link: True)
             for link in self.retired:

@@ -84,6 +84,11 @@ class P2PConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]):
         return self.worker.finished(finished_req_ids) or None, None
 
+    def held(self) -> str:
+        """What the worker half still buffers ("" if nothing): read by pdcheck's drain check,
+        which any connector can answer by defining `held()`."""
+        return self.worker.held() if hasattr(self, "worker") else ""
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors()
 

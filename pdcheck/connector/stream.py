@@ -17,10 +17,11 @@ from pdcheck.connector.protocol import Message, ProtocolError, decode, encode
 
 LENGTH = struct.Struct("!I")
 MAX_MESSAGE_BYTES = 1 << 20  # a header, never KV
+clock = time.monotonic  # what deadlines here and in pdcheck.connector.tcp are measured on; the protocol model swaps in its fake clock
 
 
 def remaining(deadline_at: float) -> float:
-    left = deadline_at - time.monotonic()
+    left = deadline_at - clock()
     if left <= 0:
         raise TimeoutError("deadline passed")
     return left

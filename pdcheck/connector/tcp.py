@@ -6,7 +6,8 @@ another, and one thread per accepted data connection (fetches and pushed bytes).
 belongs to one thread (ZMQ sockets are not thread-safe): a transfer shakes hands once per peer,
 announces itself on the control socket, then moves the bytes on the data connection, all
 within one deadline. Bytes are written from the tensor's memory and read straight into the
-receiving tensor; the sender's checksum (made at save time) is checked on arrival.
+receiving tensor; the sender's checksum (made at save time) is checked on arrival. `KVHandler`
+is the server's answering logic without its sockets (the protocol model drives it in memory).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import selectors
 import socket
 import threading
-import time
 
 import torch
 import zmq
@@ -71,34 +71,16 @@ def from_frame(header: Blocks, data: torch.Tensor) -> torch.Tensor:
     return data.view(getattr(torch, header.dtype)).reshape(header.shape)
 
 
-class KVServer:
-    def __init__(self, context: zmq.Context, address: str, outbox: Outbox, inbox: Inbox, deadline_s: float = 10.0):
-        self.outbox, self.inbox, self.deadline_s = outbox, inbox, deadline_s
-        self.socket = context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(f"tcp://{address}")
-        self.listener = socket.create_server((address.rpartition(":")[0], 0))
-        self.listener.settimeout(POLL_S)
-        self.data_port = self.listener.getsockname()[1]
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.serve, name=f"pdcheck-kv-control-{address}", daemon=True),
-                        threading.Thread(target=self.accept, name=f"pdcheck-kv-data-{address}", daemon=True)]
+class KVHandler:
+    """What a server answers, without its sockets: control requests (`answer`: frames in, the
+    reply out) and data connections (`answer_connection`). KVServer puts it on ZMQ and TCP;
+    pdcheck.connector.memory puts it on the protocol model's in-memory transport."""
 
-    def start(self) -> KVServer:
-        for thread in self.threads:
-            thread.start()
-        return self
+    def __init__(self, outbox: Outbox, inbox: Inbox, deadline_s: float = 10.0, data_port: int = 0):
+        self.outbox, self.inbox, self.deadline_s, self.data_port = outbox, inbox, deadline_s, data_port
+        self.stopping = threading.Event()
 
     # -- control ---------------------------------------------------------------------------
-    def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        while not self.stopping.is_set():
-            if poller.poll(int(POLL_S * 1000)):
-                identity, *frames = self.socket.recv_multipart(copy=False)
-                self.socket.send_multipart([identity, encode(self.answer(frames))], copy=False)
-        self.socket.close()
-
     def answer(self, frames) -> Message:
         key = None
         try:
@@ -127,36 +109,19 @@ class KVServer:
         return frame[0]
 
     # -- data ------------------------------------------------------------------------------
-    def accept(self) -> None:
-        connections = []
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=self.serve_connection, args=(conn,), name="pdcheck-kv-conn", daemon=True)
-            thread.start()
-            connections = [t for t in connections if t.is_alive()] + [thread]
-        self.listener.close()
-        for thread in connections:
-            thread.join(self.deadline_s)
-
-    def serve_connection(self, conn: socket.socket) -> None:
+    def answer_connection(self, conn: socket.socket, readable) -> None:
         """Answer one peer's data messages in order until it leaves, breaks the framing, or
-        the server stops."""
-        with conn, selectors.DefaultSelector() as selector:
-            selector.register(conn, selectors.EVENT_READ)
-            try:
-                while not self.stopping.is_set():
-                    if selector.select(POLL_S):
-                        self.answer_data(conn, time.monotonic() + self.deadline_s)
-            except ProtocolError as e:  # the framing is lost: say why, then hang up
-                log.warning("closed a data connection: %s", e)
-                with contextlib.suppress(OSError):
-                    stream.write(conn, ErrorReply(transfer_key=None, message=str(e)), time.monotonic() + POLL_S)
-            except OSError as e:
-                log.info("closed a data connection: %s", e)
+        the server stops. `readable()` waits a while for the next message: true if one came."""
+        try:
+            while not self.stopping.is_set():
+                if readable():
+                    self.answer_data(conn, stream.clock() + self.deadline_s)
+        except ProtocolError as e:  # the framing is lost: say why, then hang up
+            log.warning("closed a data connection: %s", e)
+            with contextlib.suppress(OSError):
+                stream.write(conn, ErrorReply(transfer_key=None, message=str(e)), stream.clock() + POLL_S)
+        except OSError as e:
+            log.info("closed a data connection: %s", e)
 
     def answer_data(self, conn: socket.socket, deadline_at: float) -> None:
         message = stream.read_message(conn, deadline_at)
@@ -186,6 +151,53 @@ class KVServer:
             self.inbox.release(key)
             log.warning("refused a peer's push: %s", e)
             return ErrorReply(transfer_key=key, message=str(e))
+
+
+class KVServer(KVHandler):
+    def __init__(self, context: zmq.Context, address: str, outbox: Outbox, inbox: Inbox, deadline_s: float = 10.0):
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(f"tcp://{address}")
+        self.listener = socket.create_server((address.rpartition(":")[0], 0))
+        self.listener.settimeout(POLL_S)
+        super().__init__(outbox, inbox, deadline_s, self.listener.getsockname()[1])
+        self.threads = [threading.Thread(target=self.serve, name=f"pdcheck-kv-control-{address}", daemon=True),
+                        threading.Thread(target=self.accept, name=f"pdcheck-kv-data-{address}", daemon=True)]
+
+    def start(self) -> KVServer:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self.stopping.is_set():
+            if poller.poll(int(POLL_S * 1000)):
+                identity, *frames = self.socket.recv_multipart(copy=False)
+                self.socket.send_multipart([identity, encode(self.answer(frames))], copy=False)
+            self.inbox.expire()
+        self.socket.close()
+
+    def accept(self) -> None:
+        connections = []
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            thread = threading.Thread(target=self.serve_connection, args=(conn,), name="pdcheck-kv-conn", daemon=True)
+            thread.start()
+            connections = [t for t in connections if t.is_alive()] + [thread]
+        self.listener.close()
+        for thread in connections:
+            thread.join(self.deadline_s)
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        with conn, selectors.DefaultSelector() as selector:
+            selector.register(conn, selectors.EVENT_READ)
+            self.answer_connection(conn, lambda: selector.select(POLL_S))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -242,7 +254,7 @@ class KVClient:
         """Run one transfer by its deadline. On any failure both connections to the peer are
         dropped (a late or partial answer must not be read as the next transfer's)."""
         try:
-            return body(time.monotonic() + deadline_s)
+            return body(stream.clock() + deadline_s)
         except TimeoutError:
             self.drop(address)
             raise TimeoutError(f"{key} with {address}: no answer within {deadline_s}s") from None
@@ -273,15 +285,17 @@ class KVClient:
     # -- connections -----------------------------------------------------------------------
     def request(self, address: str, frames: list, deadline_s: float, key: str | None = None) -> list:
         """Send one control request and return its reply. Replies about another transfer key
-        (late or duplicated answers to earlier requests) are skipped, never taken as this one's."""
+        (late or duplicated answers to earlier requests) are skipped, never taken as this one's,
+        and so is a Welcome while a transfer waits (a duplicated handshake's second answer)."""
         socket_ = self.sockets.get(address) or self.connect(address)
         socket_.send_multipart(frames, copy=False)
-        end = time.monotonic() + deadline_s
-        while socket_.poll(max(0, int((end - time.monotonic()) * 1000))):
+        end = stream.clock() + deadline_s
+        while socket_.poll(max(0, int((end - stream.clock()) * 1000))):
             reply = socket_.recv_multipart(copy=False)
             message = decode(reply[0].bytes)
-            if key is not None and getattr(message, "transfer_key", None) not in (None, key):
-                log.warning("skipped a stale reply about %s while waiting for %s", message.transfer_key, key)
+            if key is not None and (isinstance(message, Welcome)
+                                    or getattr(message, "transfer_key", None) not in (None, key)):
+                log.warning("skipped a stale %s while waiting for %s", type(message).__name__, key)
                 continue
             if isinstance(message, ErrorReply):
                 raise ErrorReplied(message.message)
@@ -296,10 +310,14 @@ class KVClient:
             if not isinstance(welcome, Welcome):
                 raise ProtocolError(f"{address} answered a handshake with {type(welcome).__name__}")
             host = address.rpartition(":")[0]
-            conn = socket.create_connection((host, welcome.data_port), timeout=stream.remaining(deadline_at))
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.data[address] = conn
+            self.data[address] = self.dial(host, welcome.data_port, stream.remaining(deadline_at))
         return self.data[address]
+
+    def dial(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A data connection to a peer's data port (pdcheck.connector.memory dials in memory)."""
+        conn = socket.create_connection((host, port), timeout=timeout)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
 
     def receive_buffer(self, size: int) -> torch.Tensor:
         if self.buffer.numel() < size:

@@ -150,6 +150,13 @@ class WorkerHalf:
             self.finished_by_scheduler -= done
         return done
 
+    def held(self) -> str:
+        """What this half still buffers, in words ("" if nothing): KV staged for a pull that has
+        not come, KV received (or room reserved for it) that no load has taken."""
+        staged, received = self.plane.outbox.num_waiting, self.plane.inbox.used_bytes
+        return ", ".join([f"{staged} staged for a pull"] * bool(staged) +
+                         [f"{received} bytes received and not loaded"] * bool(received))
+
     def take_load_errors(self) -> set[int]:
         errors, self.load_errors = self.load_errors, set()
         return errors

@@ -53,6 +53,7 @@ MUTANTS_SUITE = "suites/test_mutants.py"
 LATE_READ = f"{MUTANTS_SUITE}::test_send_reading_blocks_freed_before_it_is_caught_as_divergence"
 CONTROLS = "suites/test_negative_controls.py"
 ROUTING = "tests/test_proxy_routing.py"
+PROTOCOL = "suites/test_protocol_model.py::test_protocol_mutant_is_caught_by_the_state_machine"
 
 CATALOGUE: tuple[Entry, ...] = (
     Entry("DeferredExtraction", "repeated identical prompts give garbage", "#22965, #23403",
@@ -69,6 +70,19 @@ CATALOGUE: tuple[Entry, ...] = (
           "decode's receive waits for a lost push with no deadline",
           f"{CONNECTOR}:NoReceiveDeadline",
           f"{MUTANTS_SUITE}::test_receive_without_a_deadline_is_caught_as_a_hang[NoReceiveDeadline]"),
+    Entry("KeepUnpulled", "leaks on abort", "#46283",
+          "prefill keeps KV nobody pulls forever: a request abandoned between the legs never frees its blocks",
+          f"{CONNECTOR}:KeepUnpulled", "suites/test_aborts.py::test_keeping_unpulled_kv_is_caught_as_a_leak_of_each_abandoned_request"),
+    Entry("NoPullDeadline", "unbounded waits", "#44831",
+          "decode's pull of a silent (paused) prefill retries with no deadline",
+          f"{CONNECTOR}:NoPullDeadline",
+          "suites/test_process_faults.py::test_a_pull_with_no_deadline_is_caught_hanging_on_the_paused_prefill"),
+    Entry("TakeKeepsKV", "leaks on abort", "#46283",
+          "decode's receive buffer keeps pushed KV after its load took it: its room is never given back",
+          "pdcheck.mutants.protocol:TakeKeepsKV", f"{PROTOCOL}[TakeKeepsKV]"),
+    Entry("NoReplyDeadline", "unbounded waits", "#44831",
+          "a control request waits for its reply past the caller's deadline",
+          "pdcheck.mutants.protocol:NoReplyDeadline", f"{PROTOCOL}[NoReplyDeadline]"),
     Entry("EngineLocalKeys", "transfer keys differ across instances", "#42839",
           "transfer keys built from engine-local request ids", f"{CONNECTOR}:EngineLocalKeys",
           f"{MUTANTS_SUITE}::test_engine_local_transfer_keys_are_caught_as_errors"),
@@ -131,7 +145,8 @@ CATALOGUE: tuple[Entry, ...] = (
 NOT_MUTANTS = frozenset({
     "EngineLocalKeyScheduler", "SkipMissingWorker", "CorruptOnLoadWorker", "LiveReadWorker", "LiveRead",
     "DeferredExtractionWorker", "FreeBeforeSendWorker", "DropFirstPushWorker", "DropFirstPush",
-    "NoReceiveDeadlineWorker", "MutantPeer", "MUTANTS", "PromptKeyScheduler",
+    "NoReceiveDeadlineWorker", "MutantPeer", "MUTANTS", "PromptKeyScheduler", "UnboundedFetchWorker",
+    "KeepUnpulledWorker", "FOREVER_S",
 })
 
 

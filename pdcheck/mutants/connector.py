@@ -11,6 +11,7 @@ pdcheck/mutants/catalogue.py lists every mutant with the test that catches it.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import hashlib
@@ -178,11 +179,23 @@ class DropFirstPush(P2PConnector):
     worker_class = DropFirstPushWorker
 
 
-class NoReceiveDeadlineWorker(DropFirstPushWorker):
+class UnboundedFetchWorker(WorkerHalf):
     def fetch(self, entry):
         while True:  # BUG: no deadline: waits for the KV however long it takes
             with contextlib.suppress(TimeoutError):
                 return super().fetch(entry)
+
+
+class NoPullDeadline(P2PConnector):
+    """Unbounded waits (#44831) on a healthy link: decode's pull of a prefill that stopped
+    answering (paused, wedged) retries for as long as it takes, so decode's engine step never
+    returns while prefill is silent."""
+
+    worker_class = UnboundedFetchWorker
+
+
+class NoReceiveDeadlineWorker(UnboundedFetchWorker, DropFirstPushWorker):
+    pass  # the unbounded wait on DropFirstPush's lossy link
 
 
 class NoReceiveDeadline(P2PConnector):
@@ -192,3 +205,19 @@ class NoReceiveDeadline(P2PConnector):
     ends the request (as a hang)."""
 
     worker_class = NoReceiveDeadlineWorker
+
+
+class KeepUnpulledWorker(WorkerHalf):
+    def make_plane(self, client_factory):
+        plane = super().make_plane(client_factory)
+        plane.outbox.hold_s = math.inf  # BUG: KV nobody pulls waits for its pull forever (was config.hold_s)
+        return plane
+
+
+class KeepUnpulled(P2PConnector):
+    """Leaks on abort (the class of vLLM #46283: an abort path skips the free): prefill keeps a
+    request's KV, and so its blocks, until decode pulls it. A request the client abandons
+    between the legs is never pulled, so its blocks are never reclaimed; enough aborts and no
+    request fits."""
+
+    worker_class = KeepUnpulledWorker

@@ -1,12 +1,16 @@
-"""A seeded schedule of process faults, each an inject/heal pair with its window in the history.
+"""A seeded schedule of process and request faults, each an inject/heal pair with its window
+in the history.
 
-`plan(seed, num_batches)` picks, for a share `rate` of the batches, a fault (pause the batch's
-prefill or decode instance with SIGSTOP) and how long it lasts. Prefill is paused between the
-two legs, so decode's pull meets a silent peer; decode as the batch starts. `Nemesis.inject`
-is called at both points and injects what is due there; a timer thread heals it (SIGCONT) when
-its time is up, whatever the batch is doing; `heal_all` heals anything still injected (the
-final heal, also on failure). A request whose batch had a fault may end as a clean error (or a
-recompute, if the connector's policy says so); it may never diverge, hang or leak.
+`plan(seed, num_batches)` picks, for a share `rate` of the batches, a fault of one of `kinds`:
+- "prefill": the batch's prefill instance paused (SIGSTOP) between the two legs, so decode's
+  pull meets a silent peer;
+- "decode": the batch's decode instance paused as the batch starts;
+- "abort": the client abandons the batch between the legs: decode never hears of it, and
+  prefill must still free what it holds for it (a point fault: inject and heal at once).
+A pause lasts `seconds`; a timer thread heals it (SIGCONT) when its time is up, whatever the
+batch is doing; `heal_all` heals anything still injected (the final heal, also on failure).
+A request whose batch had a fault may end as a clean error (or a recompute, if the connector's
+policy says so); it may never diverge, hang or leak.
 """
 
 from __future__ import annotations
@@ -16,20 +20,28 @@ import os
 import random
 import signal
 import threading
-from dataclasses import dataclass
+
+import msgspec
+
+PAUSES = ("prefill", "decode")
+KINDS = (*PAUSES, "abort")
 
 
-@dataclass(frozen=True)
-class Planned:
+class Planned(msgspec.Struct, frozen=True):
     batch: int
-    target: str  # "prefill" or "decode": which instance of the batch's pair is paused
-    seconds: float
+    target: str  # "prefill" or "decode": which instance of the batch's pair is paused; or "abort"
+    seconds: float  # how long a pause lasts (an abort has no window: 0)
 
 
-def plan(seed: int, num_batches: int, rate: float = 0.3, longest_s: float = 2.5) -> list[Planned]:
+def plan(seed: int, num_batches: int, rate: float = 0.3, longest_s: float = 2.5,
+         kinds: tuple[str, ...] = KINDS) -> list[Planned]:
     rng = random.Random(seed)
-    return [Planned(i, rng.choice(["prefill", "decode"]), round(rng.uniform(0.3, longest_s), 2))
-            for i in range(num_batches) if rng.random() < rate]
+    faults = []
+    for i in range(num_batches):
+        if rng.random() < rate:
+            target, seconds = rng.choice(kinds), round(rng.uniform(0.3, longest_s), 2)
+            faults.append(Planned(i, target, 0.0 if target == "abort" else seconds))
+    return faults
 
 
 class Nemesis:
@@ -42,11 +54,18 @@ class Nemesis:
     def faulted(self, batch: int) -> bool:
         return batch in self.faults
 
-    def due(self, batch: int, stage: str, prefill, decode) -> None:
-        """Inject the batch's fault if it is due at `stage` ("start" or "between" the legs)."""
+    def due(self, batch: int, stage: str, prefill, decode) -> bool:
+        """Inject the batch's fault if it is due at `stage` ("start" or "between" the legs).
+        True if the client abandons the batch here: its decode leg is not to be sent."""
         fault = self.faults.get(batch)
-        if fault is not None and stage == ("between" if fault.target == "prefill" else "start"):
-            self.inject(prefill if fault.target == "prefill" else decode, fault)
+        if fault is None or stage != ("start" if fault.target == "decode" else "between"):
+            return False
+        if fault.target == "abort":
+            for phase in ("inject", "heal"):
+                self.history.record("note", fault="abort", phase=phase, batch=batch, instance=prefill.name)
+            return True
+        self.inject(prefill if fault.target == "prefill" else decode, fault)
+        return False
 
     def inject(self, instance, fault: Planned) -> None:
         pid = instance.process.pid

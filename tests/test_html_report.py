@@ -1,0 +1,223 @@
+"""report.html from a run folder written by the real code: `gate.check` over a fake 1P1D
+deployment with a nemesis pausing a real (sleeping) process, and the black-box runner's
+verdicts, hooks and finish. The page is parsed with html.parser: a bar per request in its lane,
+fault windows with their history times, failures marked with their first differing token,
+counts equal to results.json, and nothing fetched from the network.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+from collections import Counter
+from html.parser import HTMLParser
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from pdcheck.blackbox import runner as blackbox
+from pdcheck.blackbox.faults import Hook, Schedule
+from pdcheck.checker.compare import Rule
+from pdcheck.checker.oracle import Calibration
+from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
+from pdcheck.gate import check, leaks
+from pdcheck.history import read_history
+from pdcheck.html_report import write_report
+from pdcheck.nemesis.schedule import Nemesis, Planned
+from pdcheck.pd import PDResult
+from pdcheck.store import RunStore
+
+CONFIG = "tiny-llama/bfloat16"
+PAIR = f"{CONFIG} · prefill0 → decode0"
+EXPECTED = list(range(100, 116))
+STRICT = Calibration(Rule.STRICT, 0.0, 0.0, "oracle bitwise stable across batch compositions")
+VOID = {"meta", "br", "link", "img", "input", "hr"}
+
+
+class Elements(HTMLParser):
+    """Every element: its tag, attributes, text inside it, and the ids of the elements around it."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.found, self.open = [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        element = {"tag": tag, **{k: v or "" for k, v in attrs}, "text": "",
+                   "within": [o["id"] for o in self.open if "id" in o]}
+        self.found.append(element)
+        if tag not in VOID:
+            self.open.append(element)
+
+    def handle_endtag(self, tag):
+        while self.open and self.open.pop()["tag"] != tag:
+            pass
+
+    def handle_data(self, data):
+        for element in self.open:
+            element["text"] += data
+
+    def having(self, css_class: str, **attrs) -> list[dict]:
+        return [e for e in self.found if css_class in e.get("class", "").split()
+                and all(e.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+
+def result(rid: str, tokens: list[int], error: str | None = None) -> GenResult:
+    return GenResult(rid, tokens, [-0.5] * len(tokens), [{t: -0.5} for t in tokens], error=error)
+
+
+class FakeDeployment:
+    """1P1D as gate.check drives it; each request's PD output scripted, decode's process real."""
+
+    def __init__(self, outputs: dict[str, PDResult], process):
+        self.spec = SimpleNamespace(label=CONFIG, block_size=32, connector=SimpleNamespace(class_name="Fake"))
+        self.outputs, self.topology = outputs, "1P1D"
+        self.instances = [SimpleNamespace(name=name, process=process,
+                                          drain=lambda _, usage=usage: EngineState(usage, 0, 0))
+                          for name, usage in (("prefill0", 0.0), ("decode0", 0.01))]
+
+    def pair(self, i):
+        return tuple(self.instances)
+
+    def run(self, requests, batch, deadline_s, between=None):
+        if between:
+            between()
+        time.sleep(0.25 if batch == 1 else 0.02)  # batch 1's decode pause heals mid-batch
+        return [self.outputs[r.request_id] for r in requests]
+
+    def transfers(self):
+        return {}
+
+
+@pytest.fixture
+def gate_run(tmp_path):
+    """Four requests: a match, an error under a decode pause (allowed), a fallback, a divergence at
+    token 5; decode0 still holds KV after the drain."""
+    requests = [GenRequest(f"r-len{n}", list(range(n)), 16) for n in (31, 32, 33, 65)]
+    diverged = EXPECTED[:5] + [7, 7] + EXPECTED[7:]
+    outputs = {"r-len31": PDResult(result("r-len31", EXPECTED), 0, GenResult("r-len31")),
+               "r-len32": PDResult(result("r-len32", [], "finish_reason=error"), 0, GenResult("r-len32")),
+               "r-len33": PDResult(result("r-len33", EXPECTED), 0, GenResult("r-len33")),
+               "r-len65": PDResult(result("r-len65", diverged), 64, GenResult("r-len65"))}
+    oracle = SimpleNamespace(calibration=STRICT, results=lambda rs: [result(r.request_id, EXPECTED) for r in rs])
+    store = RunStore(tmp_path / "runs")
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        deployment = FakeDeployment(outputs, process)
+        nemesis = Nemesis([Planned(batch=1, target="decode", seconds=0.1)], store.history)
+        calibration, checked = check(deployment, requests, store.history, oracle=oracle, nemesis=nemesis)
+        nemesis.heal_all()
+        leaked = leaks(deployment, store.history)
+    finally:
+        process.kill()
+        process.wait()
+    store.write_results({"verdict": "invalid", "configs": [{"config": CONFIG, "calibration": calibration,
+                                                            "requests": checked, "leaks": leaked}]})
+    (store.folder / "repro-65-tiny-llama-bfloat16.json").write_text("{}")  # as pdcheck run names it
+    store.close()
+    return store.folder
+
+
+def test_every_request_is_a_bar_in_its_pairs_lane_from_invoke_to_outcome(gate_run):
+    page = Elements(write_report(gate_run).read_text())
+    history = read_history(gate_run / "history.jsonl")
+    invokes = [line for line in history if line["kind"] == "invoke"]
+    outcomes = [line for line in history if line["kind"] in ("ok", "fail", "info")]
+    bars = page.having("bar")
+    assert [b["data-request"] for b in bars] == [line["request_id"] for line in invokes]
+    assert {b["data-lane"] for b in bars} == {PAIR}
+    assert [float(b["data-start"]) for b in bars] == [line["time"] for line in invokes]
+    assert [float(b["data-end"]) for b in bars] == [line["time"] for line in outcomes]
+    assert [b["data-outcome"] for b in bars] == ["match", "error", "fallback", "diverged"]
+    assert [label["text"] for label in page.having("lane")] == [PAIR]
+
+
+def test_the_decode_pause_is_shaded_from_inject_to_heal(gate_run):
+    page = Elements(write_report(gate_run).read_text())
+    notes = [line for line in read_history(gate_run / "history.jsonl") if line.get("fault") == "pause"]
+    assert [n["phase"] for n in notes] == ["inject", "heal"]
+    (window,) = page.having("fault")
+    assert window["data-name"] == "pause decode0 (batch 1)" and "pause decode0 (batch 1)" in window["text"]
+    assert (float(window["data-start"]), float(window["data-end"])) == (notes[0]["time"], notes[1]["time"])
+
+
+def test_failures_are_marked_and_the_divergence_shows_its_first_differing_token(gate_run):
+    page = Elements(write_report(gate_run).read_text())
+    failed = {b["data-request"]: b for b in page.having("bar", data_failed="1")}
+    assert sorted(failed) == ["r-len33", "r-len65"]  # the faulted error passes; the fallback does not
+    assert all("failed" in b["class"].split() for b in failed.values())
+    listed = [a for a in page.found
+              if a["tag"] == "a" and a.get("href") == failed["r-len65"]["href"] and "class" not in a]
+    assert "r-len65: diverged" in listed[0]["text"]  # listed under Failures too
+    section = failed["r-len65"]["href"][1:]
+    cells = [e for e in page.having("first-diff") if section in e["within"] and e["tag"] == "td"]
+    assert {c["data-side"]: (c["data-position"], c["text"]) for c in cells} == {"expected": ("5", "105"),
+                                                                              "got": ("5", "7")}
+    text = next(e["text"] for e in page.found if e.get("id") == section)
+    assert "reproduce: pdcheck repro" in text and "repro-65-tiny-llama-bfloat16.json" in text
+
+
+def test_counts_per_outcome_and_the_leak_equal_results_json(gate_run):
+    page = Elements(write_report(gate_run).read_text())
+    results = json.loads((gate_run / "results.json").read_text())
+    (cfg,) = results["configs"]
+    counts = {c["data-outcome"]: int(c["text"]) for c in page.found if c.get("data-outcome") and c["tag"] == "td"}
+    expected = Counter(c["counted"] for c in cfg["requests"])
+    assert set(expected) <= set(counts) and counts == {name: expected[name] for name in counts}
+    assert counts["match"] == counts["error"] == counts["fallback"] == counts["diverged"] == 1
+    (drained,) = page.having("drained")
+    assert drained["text"] == "leak" and drained["data-leaks"] == str(len(cfg["leaks"])) == "1"
+    assert next(e for e in page.found if e.get("id") == "verdict")["text"] == results["verdict"] == "invalid"
+
+
+def test_the_page_fetches_nothing(gate_run):
+    text = write_report(gate_run).read_text()
+    page = Elements(text)
+    links = [e.get(a, "") for e in page.found for a in ("src", "href") if a in e]
+    assert links and not [link for link in links if "//" in link or link.startswith(("http:", "https:"))]
+    fetching = ("script", "link", "img", "iframe")
+    assert not [e for e in page.found if e["tag"] in fetching and ("src" in e or "href" in e)]
+    assert "url(" not in text and "@import" not in text
+
+
+def test_a_black_box_run_gets_a_lane_per_phase_and_its_hook_window(tmp_path):
+    """Hook to heal is a window; client faults are points; two requests under one id are two bars."""
+    store = RunStore(tmp_path / "runs")
+    history = store.history
+    hooks = Schedule([Hook(1, "true", False), Hook(2, "true", True)])
+    configs = []
+    for phase, ids, bad in (("boundary", ["r-len31", "r-len32", "r-len33"], None),
+                            ("client-faults", ["duplicate-id", "duplicate-id"], 1)):
+        requests = [GenRequest(rid, [1] * 31, 16) for rid in ids]
+        for r in requests:
+            history.record("invoke", config=phase, request_id=r.request_id, prompt_len=len(r.prompt))
+        checked = []
+        for i, r in enumerate(requests):
+            hooks.before([i] if phase == "boundary" else [], history)
+            got = result(r.request_id, [9] * 16 if i == bad else EXPECTED)
+            checked.append(blackbox.verdict(phase, r, got, result(r.request_id, EXPECTED), STRICT, 32, history))
+        if phase == "boundary":
+            history.record("note", fault="abort-mid-stream", request_id="abort-mid-stream-len31",
+                           detail="closed the stream after 2 chunks")
+        configs.append({"config": phase, "calibration": STRICT, "requests": checked, "leaks": []})
+    configs[-1].update(drained="unknown")
+    out = io.StringIO()
+    assert blackbox.finish(store, Console(file=out, width=200), configs, []) == 1
+    store.close()
+    report = store.folder / "report.html"
+    assert f"report: {report}" in out.getvalue().splitlines()
+    page = Elements(report.read_text())
+    bars = page.having("bar")
+    assert [(b["data-lane"], b["data-request"]) for b in bars] == [
+        ("boundary", "r-len31"), ("boundary", "r-len32"), ("boundary", "r-len33"),
+        ("client-faults", "duplicate-id"), ("client-faults", "duplicate-id")]
+    assert [b["data-failed"] for b in bars] == ["0", "0", "0", "0", "1"]
+    notes = {line["fault"]: line["time"] for line in read_history(store.folder / "history.jsonl") if "fault" in line}
+    hook, point = page.having("fault")
+    assert (hook["data-name"], float(hook["data-start"]), float(hook["data-end"])) == (
+        "hook: true", notes["hook"], notes["heal"])
+    assert "point" in point["class"] and float(point["data-start"]) == notes["abort-mid-stream"]
+    assert page.having("drained", data_config="client-faults")[0]["text"] == "unknown"
