@@ -296,6 +296,6 @@ def test_a_catching_test_that_fails_or_does_not_run_counts_as_a_survivor(tmp_pat
     assert verdict(junit, 0, 600) == (False, "skipped: needs vLLM")
     assert verdict(tmp_path / "none.xml", None, 600) == (False, "timed out after 600s")
     ghost = Entry("ghost", "harness rot", "", "a catching test that is not there", "pdcheck.mutants.proxy:Ghost",
-                  "tests/test_proxy_routing.py::test_that_does_not_exist")
+                  "suites/test_uneven_polling.py::test_that_does_not_exist")
     row = run_entry(ghost, tmp_path / "runs", has_gpu=False, timeout_s=120)
     assert row.status == "survived" and row.seen.startswith("0 tests ran"), row

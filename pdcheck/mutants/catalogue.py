@@ -52,7 +52,7 @@ CONNECTOR = "pdcheck.mutants.connector"
 MUTANTS_SUITE = "suites/test_mutants.py"
 LATE_READ = f"{MUTANTS_SUITE}::test_send_reading_blocks_freed_before_it_is_caught_as_divergence"
 CONTROLS = "suites/test_negative_controls.py"
-ROUTING = "tests/test_proxy_routing.py"
+ROUTING = "suites/test_uneven_polling.py"
 PROTOCOL = "suites/test_protocol_model.py::test_protocol_mutant_is_caught_by_the_state_machine"
 
 CATALOGUE: tuple[Entry, ...] = (

@@ -1,5 +1,5 @@
-"""Proxy discovery and routing: fairness whatever the heartbeat order, expiry wherever the
-silent instance sits, rejoin. Each check also runs against the known proxy bug as a mutant
+"""Uneven polling and stale instances: the proxy's round-robin stays fair whatever the
+heartbeat order, expiry drops a silent instance wherever it sits, and it can rejoin. Each check also runs against the known proxy bug as a mutant
 (pdcheck.mutants.proxy), which it must catch."""
 
 from __future__ import annotations

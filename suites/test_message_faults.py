@@ -1,4 +1,4 @@
-"""The reference connector's worker halves under wire faults (protocol tier, no vLLM).
+"""Message faults: the reference connector's worker halves under wire faults (no vLLM).
 
 A prefill half and a decode half move requests over real ZMQ sockets while a seeded schedule
 drops, delays, duplicates or corrupts their messages at the client seam. For every request:
