@@ -160,7 +160,8 @@ def bench_mutants(args, stack: ExitStack, console: Console) -> int:
         rows.append(row)
         console.print(f"{entry.name}: {row.status} {'' if row.seconds is None else f'in {row.seconds:.1f}s'}",
                       markup=False, highlight=False)
-    out = Console(width=None if sys.stdout.isatty() else 220)
+    # not a terminal: as wide as the table needs, so no node id is folded (they are copied and grepped)
+    out = Console(width=None if sys.stdout.isatty() else 1000)
     print_table(out, rows)
     summary = timing_summary(rows)
     if summary:
