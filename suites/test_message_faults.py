@@ -38,8 +38,9 @@ def half(mode: str, schedule: list[Fault], client=FaultyClient) -> WorkerHalf:
     return WorkerHalf(config, client_factory=lambda context: client(context, schedule, delay_s=0.02))
 
 
-def run(mode: str, faults: list[Fault], seed: int, client=FaultyClient) -> list[str]:
-    """Move len(faults) requests; the faults hit the side that sends requests in this mode."""
+def run(mode: str, faults: list[Fault], seed: int, client=FaultyClient, ended: list[str] | None = None) -> list[str]:
+    """Move len(faults) requests; the faults hit the side that sends requests in this mode.
+    `ended`, if given, gets "arrived" or "load error" per request."""
     pull = mode == "get"
     prefill = half(mode, [] if pull else faults, client)
     decode = half(mode, faults if pull else [], client)
@@ -63,6 +64,8 @@ def run(mode: str, faults: list[Fault], seed: int, client=FaultyClient) -> list[
                 problems.append(f"request {i} ({fault.value}): no load error, but the blocks differ")
             if fault in (Fault.NONE, Fault.DELAY) and not arrived:
                 problems.append(f"request {i} ({fault.value}): a request with no fault failed")
+            if ended is not None:
+                ended.append("load error" if errors else "arrived")
     finally:
         prefill.close()
         decode.close()
@@ -76,6 +79,14 @@ def test_wire_faults_end_each_request_exact_or_as_a_clean_load_error(mode, fault
     problems = run(mode, faults, seed)
     schedule = ", ".join(f"Fault({f.value!r})" for f in faults)
     assert not problems, "\n".join(problems) + f"\nreplay: run({mode!r}, [{schedule}], {seed})"
+
+
+@pytest.mark.parametrize("fault", [Fault.TRUNCATE, Fault.FAIL, Fault.DROP, Fault.CORRUPT])
+@pytest.mark.parametrize("mode", ["get", "put"])
+def test_each_damaging_fault_ends_its_request_as_a_load_error_and_the_next_arrives(mode, fault):
+    ended = []
+    problems = run(mode, [fault, Fault.NONE], seed=3, ended=ended)
+    assert not problems and ended == ["load error", "arrived"], (problems, ended)
 
 
 def test_a_client_that_skips_the_checksum_is_caught_writing_corrupted_blocks():

@@ -3,18 +3,22 @@
 `FaultyClient` is a KVClient whose transfers follow a schedule of faults, one per transfer in
 order (then none): DROP (the transfer never leaves: the caller's deadline passes), DELAY (it
 leaves late, inside the deadline), DUPLICATE (its control announce is sent twice), CORRUPT (one
-byte of the payload, sent or received, is flipped). Every fault applied is appended to `applied`.
+byte of the payload, sent or received, is flipped), TRUNCATE (the payload stops halfway and the
+data connection closes), FAIL (the transfer fails before anything is sent, as a refused
+connection does). Every fault applied is appended to `applied`.
 `UncheckedClient` is the same with the checksum check on pulls left out: the tier's negative control.
 """
 
 from __future__ import annotations
 
 import enum
+import socket
 import time
 
 import torch
 
-from pdcheck.connector.protocol import Fetch, Pull, Push, encode
+from pdcheck.connector import stream
+from pdcheck.connector.protocol import Fetch, ProtocolError, Pull, Push, encode
 from pdcheck.connector.tcp import KVClient
 
 
@@ -24,6 +28,8 @@ class Fault(enum.Enum):
     DELAY = "delay"
     DUPLICATE = "duplicate"
     CORRUPT = "corrupt"
+    TRUNCATE = "truncate"
+    FAIL = "fail"
 
 
 class FaultyClient(KVClient):
@@ -41,6 +47,8 @@ class FaultyClient(KVClient):
             raise TimeoutError(f"{key} with {address}: no answer within {deadline_s}s (dropped)")
         if self.fault is Fault.DELAY:
             time.sleep(self.delay_s)
+        if self.fault is Fault.FAIL:
+            raise ProtocolError(f"{key} with {address}: data connection failed (injected)")
         return super().transfer(address, key, deadline_s, body)
 
     def announce(self, address, message, deadline_at, key):
@@ -51,9 +59,16 @@ class FaultyClient(KVClient):
     def send_payload(self, conn, header, payload, deadline_at):
         if self.fault is Fault.CORRUPT:
             payload = flip_one_byte(payload)
+        if self.fault is Fault.TRUNCATE:
+            stream.write(conn, header, deadline_at, payload=memoryview(payload)[: len(payload) // 2])
+            conn.shutdown(socket.SHUT_RDWR)
+            raise ConnectionResetError("the data connection closed mid-payload (truncated)")
         super().send_payload(conn, header, payload, deadline_at)
 
     def recv_payload(self, conn, data, deadline_at):
+        if self.fault is Fault.TRUNCATE:
+            super().recv_payload(conn, data[: data.numel() // 2], deadline_at)
+            raise ConnectionResetError("the data connection closed mid-payload (truncated)")
         super().recv_payload(conn, data, deadline_at)
         if self.fault is Fault.CORRUPT and data.numel():
             data[data.numel() // 2] ^= 0x10
