@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lengths", type=lengths_option, help="only prompts of these lengths, e.g. 64,65")
     run.add_argument("--topology", type=topology_option, default=(1, 1), help="xPyD, e.g. 2P2D (default 1P1D)")
     run.add_argument("--serve", action="store_true", help="`pdcheck serve` instances behind the proxy, over HTTP")
+    run.add_argument("--drain-s", type=float, default=10.0,
+                     help="how long the drain after the workload waits for instances to free what they hold")
     run.add_argument("--nemesis", type=int, metavar="SEED",
                      help="on a seeded schedule: pause prefill (between the legs) or decode (as a batch starts), "
                           "or abandon a batch between the legs")

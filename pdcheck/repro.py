@@ -12,7 +12,8 @@ import shlex
 from pdcheck.config import BUILTIN_DEFAULTS, DecodePrompt, EngineSpec
 
 
-def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[int], nemesis: int | None = None) -> str:
+def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[int], nemesis: int | None = None,
+                   drain_s: float = 10.0) -> str:
     """`lengths`: the prompt lengths sent, in order, ending with the failing request's. A
     nemesis plan for fewer requests is the start of the plan for more, so the seed replays it."""
     connector = spec.connector
@@ -28,4 +29,6 @@ def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[i
         parts += ["--decode-prompt", connector.decode_prompt.value]
     if nemesis is not None:
         parts += ["--nemesis", str(nemesis)]
+    if drain_s != 10.0:
+        parts += ["--drain-s", f"{drain_s:g}"]
     return shlex.join(parts)

@@ -40,6 +40,7 @@ class Repro(msgspec.Struct):
     detail: str = ""
     version: int = VERSION
     faults: list[Planned] = []  # batch: the index of the request it hits
+    drain_s: float = 10.0  # how long the drain waited for instances to free what they hold
 
     @property
     def spec(self) -> EngineSpec:
@@ -52,14 +53,14 @@ class Repro(msgspec.Struct):
 
 
 def make_repro(spec: EngineSpec, topology, seed: int, requests: list[GenRequest], outcome: str, detail: str,
-               faults: list[Planned] = ()) -> Repro:
+               faults: list[Planned] = (), drain_s: float = 10.0) -> Repro:
     engine = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "connector"}
     engine["model"] = str(spec.model)
     c = spec.connector
     connector = {"name": c.name, "extra_config": dict(c.extra_config), "decode_prompt": c.decode_prompt.value,
                  "prefill_params": dict(c.prefill_params)}
     faults = [f for f in faults if f.batch < len(requests)]
-    return Repro(engine, connector, tuple(topology), seed, requests, outcome, detail, faults=faults)
+    return Repro(engine, connector, tuple(topology), seed, requests, outcome, detail, faults=faults, drain_s=drain_s)
 
 
 def write(repro: Repro, path: Path) -> Path:
@@ -95,7 +96,7 @@ def replay(repro: Repro, run_dir: Path, name: str, history):
         finally:
             if nemesis:
                 nemesis.heal_all()
-        leaks(deployment, history, checked=checked[-1:])
+        leaks(deployment, history, timeout_s=repro.drain_s, checked=checked[-1:])
         return checked[-1]
 
 

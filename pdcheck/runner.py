@@ -78,7 +78,7 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
                 stack.callback(nemesis.heal_all)
             calibration, checked = check(deployment, requests, store.history, on_result=lambda _: progress.advance(task),
                                          nemesis=nemesis)
-            leaked = leaks(deployment, store.history, checked=checked)
+            leaked = leaks(deployment, store.history, timeout_s=args.drain_s, checked=checked)
             deployment.close()
             configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked,
                             "leaks": leaked, "faults": faults})
@@ -93,9 +93,9 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
         console.print(report.failure_line(c), markup=False, highlight=False)
         index = cfg["requests"].index(c)
         replay = replay_command(spec, args.seed, args.max_tokens, [r.prompt_len for r in cfg["requests"][: index + 1]],
-                                args.nemesis)
+                                args.nemesis, args.drain_s)
         repro = make_repro(spec, args.topology, args.seed, sent[: index + 1], c.outcome, c.leak or c.verdict.detail,
-                           cfg["faults"])
+                           cfg["faults"], args.drain_s)
         path = write_repro(repro, store.folder / f"repro-{len(sent[index].prompt)}-{spec.model.name}-{spec.dtype}.json")
         console.print(f"  replay: {replay}\n  reproduce: pdcheck repro {path}", markup=False, highlight=False)
     for leak in leaked:

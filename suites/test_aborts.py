@@ -24,13 +24,14 @@ from pdcheck.pd import ABANDONED
 pytestmark = pytest.mark.vllm
 SEED, LENGTHS = 7, [33, 65, 95]
 SETTINGS = json.dumps(dict(connector_spec("reference", '{"hold_s": 2}').extra_config))
+DRAIN_S = 5  # the 2 s hold, with room to spare
 
 
 def run(tmp_path, capfd, connector: str) -> tuple[int, str, dict]:
     runs = tmp_path / "runs"
     code = main(["run", "--model", "tiny-llama", "--dtype", "bfloat16", "--connector", connector,
                  "--connector-config", SETTINGS, "--lengths", ",".join(map(str, LENGTHS)), "--nemesis", str(SEED),
-                 "--runs-dir", str(runs)])
+                 "--drain-s", str(DRAIN_S), "--runs-dir", str(runs)])
     results = json.loads((runs / "latest" / "results.json").read_text())
     return code, capfd.readouterr().err, results
 

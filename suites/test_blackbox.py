@@ -78,6 +78,7 @@ def test_bad_endpoints_are_refused_before_any_load(http_server, tmp_path, capsys
     assert not (tmp_path / "runs").exists(), "a run folder was made: load may have been sent"
 
 
+@pytest.mark.slow  # the default gate's black-box negative control is in test_http_deployment.py (a relay)
 @pytest.mark.vllm
 def test_a_broken_connector_behind_the_target_is_caught_from_outside(pd_run_dir, pd_pool, tmp_path, capsys):
     """The reference connector with its loads damaged (CorruptOnLoad) serves behind the proxy;

@@ -144,3 +144,67 @@ def test_decode_leaving_mid_run_loses_no_request_and_one_joining_gets_requests(s
     assert all(complete(served.proxy.url, MODEL, r, timeout_s=DEADLINE_S).token_ids == expected.token_ids for r in more)
     gained = Counter({name: len(v) for name, v in loads_by_file(served).items()}) - before
     assert gained.get(f"transfers-{joined.kv_port}.jsonl", 0) == 2, f"loads per transfer log: {gained}"
+
+
+WRONG_AT = 3  # the output position the relay changes
+
+
+def corrupting_relay(target: str):
+    """An HTTP relay in front of `target` that returns plausible wrong tokens: the token id at
+    output position WRONG_AT of every completion, whole or streamed, is moved by one. Everything
+    else passes through unchanged. The black-box checker must see it as divergence."""
+    import aiohttp
+    from aiohttp import web
+
+    from pdcheck.proxy.server import AppThread
+
+    def damage(choices: list[dict], seen: int) -> int:
+        for choice in choices:
+            ids = choice.get("token_ids") or []
+            if seen <= WRONG_AT < seen + len(ids):
+                ids[WRONG_AT - seen] = (ids[WRONG_AT - seen] + 1) % 512
+            seen += len(ids)
+        return seen
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        async with aiohttp.ClientSession() as session, session.request(
+                request.method, f"{target}{request.path_qs}", data=await request.read(),
+                headers={"Content-Type": request.content_type}) as upstream:
+            if not upstream.content_type.startswith("text/event-stream"):
+                raw = await upstream.read()
+                if request.path.endswith("/completions") and upstream.status == 200:
+                    body = json.loads(raw)
+                    damage(body.get("choices", []), 0)
+                    raw = json.dumps(body).encode()
+                return web.Response(body=raw, status=upstream.status, content_type=upstream.content_type)
+            response = web.StreamResponse(status=upstream.status, headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            seen = 0
+            async for line in upstream.content:
+                if line.startswith(b"data: {"):
+                    event = json.loads(line[6:])
+                    seen = damage(event.get("choices", []), seen)
+                    line = b"data: " + json.dumps(event).encode() + b"\n"
+                await response.write(line)
+            await response.write_eof()
+            return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    return AppThread(app, name="pdcheck-corrupting-relay").start()
+
+
+def test_a_deployment_returning_wrong_tokens_is_caught_from_outside(served, tmp_path):
+    """Negative control for black-box mode: the same deployment behind a relay that moves one
+    output token is judged diverged (exit 1), at that position."""
+    from pdcheck.cli import main
+
+    relay = corrupting_relay(served.proxy.url)
+    try:
+        code = main(["run", "--target", relay.url, "--oracle", served.oracle.url, "--runs-dir", str(tmp_path)])
+    finally:
+        relay.stop()
+    results = json.loads((tmp_path / "latest" / "results.json").read_text())
+    verdicts = [r["verdict"] for c in results["configs"] for r in c["requests"]]
+    diverged = [v for v in verdicts if v["outcome"] == "diverged"]
+    assert code == 1 and diverged and all(v["position"] == WRONG_AT for v in diverged), verdicts

@@ -2,8 +2,9 @@
 
 The correct code passes the same checks elsewhere (test_layouts, test_reference_connector), or
 in the same test function beside the mutant (parametrized over the correct code and the
-mutant, each with its expected outcome), so a catch is the mutant's doing, not a broken
-harness. Each gate test records what it saw (`seen`, in junit properties) for `pdcheck mutants`,
+mutant, each with its expected outcome; those correct-code cases run with --runslow, since the
+reference connector passes its own suites in the default gate), so a catch is the mutant's
+doing, not a broken harness. Each gate test records what it saw (`seen`, in junit properties) for `pdcheck mutants`,
 and prints its replay line when it fails. The catalogue (pdcheck/mutants/catalogue.py) names
 the test that catches each mutant; the last tests here keep it honest.
 """
@@ -104,7 +105,7 @@ def test_missing_kv_skipped_silently_is_caught_as_divergence(pd_run_dir, request
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("variant", ["reference", "CorruptOnLoad"])
+@pytest.mark.parametrize("variant", [pytest.param("reference", marks=pytest.mark.slow), "CorruptOnLoad"])
 def test_kv_damaged_on_its_way_into_decode_is_caught_as_divergence(variant, pd_pool, pd_history, request):
     spec = mutant_spec(variant)
     deployment, oracle = pd_pool.get(spec)
@@ -136,7 +137,8 @@ def pressure_requests(seed: int = 7, vocab_size: int = 512) -> list[GenRequest]:
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("variant", ["reference", "LiveRead", *LATE_READ_MUTANTS])
+@pytest.mark.parametrize("variant", [pytest.param("reference", marks=pytest.mark.slow),
+                                     pytest.param("LiveRead", marks=pytest.mark.slow), *LATE_READ_MUTANTS])
 def test_send_reading_blocks_freed_before_it_is_caught_as_divergence(variant, pd_pool, pd_history, request):
     """vLLM #22965 (send thread extracting late) and #21570 (blocks freed before the send): the
     send reads blocks that requests scheduled after it have overwritten. The reference copies at

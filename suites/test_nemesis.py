@@ -29,7 +29,7 @@ SETTINGS = '{"deadline_s": 1, "hold_s": 3, "kv_load_failure_policy": "fail"}'
 def run_under_nemesis(pd_run_dir, pd_history, name: str, connector: str):
     spec = EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16", connector=connector_spec("reference", SETTINGS))
     spec = dataclasses.replace(spec, connector=dataclasses.replace(spec.connector, name=connector))
-    requests = [r for r in boundary_workload(spec) if len(r.prompt) > spec.block_size][:12]
+    requests = [r for r in boundary_workload(spec) if len(r.prompt) > spec.block_size][:8]
     faults = plan(SEED, len(requests), rate=0.5, kinds=PAUSES)
     nemesis = Nemesis(faults, pd_history)
     with Deployment(spec, pd_run_dir, name) as deployment:

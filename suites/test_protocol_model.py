@@ -53,7 +53,7 @@ BLOCK_BYTES = LAYERS * 4 * 4  # float32
 MAX_TRANSFERS, MAX_BLOCKS = 6, 3
 PORTS = {"prefill": 5001, "decode": 5002}
 
-MODEL_SETTINGS = settings(max_examples=1500, stateful_step_count=25, derandomize=True, database=None,
+MODEL_SETTINGS = settings(max_examples=1000, stateful_step_count=25, derandomize=True, database=None,
                           deadline=None, print_blob=False, suppress_health_check=list(HealthCheck))
 MUTANT_SETTINGS = settings(MODEL_SETTINGS, max_examples=300, stateful_step_count=20, report_multiple_bugs=False)
 

@@ -28,6 +28,10 @@ from pdcheck.workload.boundary import boundary_workload
 
 MODELS = ["tiny-llama", "tiny-qwen3-moe"]
 MODES = ["get", "put", "put_async"]
+# the order pytest runs them in; the push modes on the MoE model only with --runslow (the dense
+# model covers the push paths, the MoE model the pull path, in the default gate)
+CONFIGS = [(mode, model) for mode in MODES for model in MODELS]
+SLOW = {("put", "tiny-qwen3-moe"), ("put_async", "tiny-qwen3-moe")}
 
 
 def reference_spec(mode: str, model: str) -> EngineSpec:
@@ -36,12 +40,12 @@ def reference_spec(mode: str, model: str) -> EngineSpec:
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("mode", MODES)
-def test_reference_connector_matches_oracle_2p2d(mode, model, pd_pool, pd_history):
+@pytest.mark.parametrize("mode, model", [pytest.param(*c, marks=[pytest.mark.slow] * (c in SLOW)) for c in CONFIGS],
+                         ids=[f"{mode}-{model}" for mode, model in CONFIGS])
+def test_reference_connector_matches_oracle_2p2d(mode, model, pd_pool, pd_history, pytestconfig):
     deployment, oracle = pd_pool.get(reference_spec(mode, model), num_prefill=2, num_decode=2)
     spec = deployment.spec
-    following = [(m, n) for m in MODES for n in MODELS]  # the order pytest runs these in
+    following = [c for c in CONFIGS if pytestconfig.getoption("--runslow") or c not in SLOW]
     nxt = following.index((mode, model)) + 1
     if nxt < len(following):
         pd_pool.prefetch(reference_spec(*following[nxt]), num_prefill=2, num_decode=2)
@@ -80,7 +84,7 @@ def test_blocks_never_released_are_reported_as_a_leak(pd_pool, pd_history):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("policy", ["fail", "recompute"])
+@pytest.mark.parametrize("policy", ["fail", pytest.param("recompute", marks=pytest.mark.slow)])
 def test_prefill_dying_before_the_pull_ends_in_time_as_error_or_recompute(policy, pd_run_dir):
     """vLLM's kv_load_failure_policy decides: the request fails, or decode recomputes the
     prompt and still gives the oracle's tokens. Either way within the connector's deadline."""

@@ -177,7 +177,7 @@ class Instance:
         message = self._receive(deadline_s + REPLY_GRACE_S)
         if isinstance(message, Results):
             return message.results
-        self.close()
+        self.close(graceful=False)  # a worker that stopped answering will not read a Stop either
         return [GenResult(request_id=r.request_id, hung=True, error=f"instance {self.name} stopped answering")
                 for r in requests]
 
@@ -206,14 +206,15 @@ class Instance:
                 return None
         return None
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
         """Stop the worker and remove its temp folder. Idempotent.
 
-        A ready worker is asked to stop, then killed if it does not; one still starting is
-        killed at once, since it reads no messages until its engine is built.
+        A ready worker is asked to stop, then killed if it does not; one still starting (or,
+        with graceful=False, one that stopped answering) is killed at once, since it reads no
+        messages.
         """
         if self.process is not None:
-            if self.process.is_alive() and self.start_s is not None:
+            if self.process.is_alive() and self.start_s is not None and graceful:
                 try:
                     self.conn.send_bytes(self.encoder.encode(Stop()))
                 except OSError:
