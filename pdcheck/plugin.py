@@ -56,8 +56,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") and not config.getoption("--runslow"):
             item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
-        if item.get_closest_marker("vllm") and not has_vllm:
-            item.add_marker(pytest.mark.skip(reason="vLLM is not installed (pip install 'pdcheck[cpu]')"))
+        if item.get_closest_marker("vllm"):
+            # under `pytest -n 2 --dist loadgroup`, every test that starts vLLM engines runs in one
+            # worker, in order (the pool's deployments are shared and memory stays bounded); the
+            # tests that need no engine run in the other one beside them
+            item.add_marker(pytest.mark.xdist_group("engines"))
+            if not has_vllm:
+                item.add_marker(pytest.mark.skip(reason="vLLM is not installed (pip install 'pdcheck[cpu]')"))
         needed = gpu_need(item)
         if needed:
             gpus = cuda_device_count() if gpus is None else gpus

@@ -45,10 +45,9 @@ def tagged_processes(tag: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.vllm] * (c in NEEDS_VLLM)) for c in CASES],
+                         ids=list(CASES))
 def test_bad_input_gives_one_line_error_and_exit_2(case, tmp_path):
-    if case in NEEDS_VLLM and not has_vllm():
-        pytest.skip("vLLM is not installed")
     args, message = CASES[case]
     tag = uuid.uuid4().hex
     proc = subprocess.run(
@@ -59,12 +58,6 @@ def test_bad_input_gives_one_line_error_and_exit_2(case, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert tagged_processes(tag) == []
-
-
-def has_vllm() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 @pytest.mark.vllm

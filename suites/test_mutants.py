@@ -83,6 +83,7 @@ def test_engine_local_transfer_keys_are_caught_as_errors(pd_pool, pd_history, re
     assert [c.verdict.outcome for c in checked] == [Outcome.ERROR, Outcome.ERROR], [c.verdict for c in checked]
 
 
+@pytest.mark.slow  # the default gate catches SkipMissingKV in test_buffer_pressure.py and test_nemesis.py
 @pytest.mark.vllm
 def test_missing_kv_skipped_silently_is_caught_as_divergence(pd_run_dir, request):
     """Prefill dies before decode pulls: the reference fails the request; this mutant decodes
@@ -170,6 +171,7 @@ def test_send_reading_blocks_freed_before_it_is_caught_as_divergence(variant, pd
 GATE_DEADLINE_S, REPLY_GRACE_S, STOP_S = 4.0, 2.0, 10.0
 
 
+@pytest.mark.slow  # unbounded waits: the default gate has NoPullDeadline (process faults) and NoReplyDeadline
 @pytest.mark.vllm
 @pytest.mark.parametrize("variant", ["DropFirstPush", "NoReceiveDeadline"])
 def test_receive_without_a_deadline_is_caught_as_a_hang(variant, pd_pool, pd_history, request, monkeypatch):

@@ -88,7 +88,7 @@ CATALOGUE: tuple[Entry, ...] = (
           f"{MUTANTS_SUITE}::test_engine_local_transfer_keys_are_caught_as_errors"),
     Entry("SkipMissingKV", "missing KV skipped silently", "#52234 (NIXL)",
           "a failed load is logged and skipped; decode runs on unloaded blocks", f"{CONNECTOR}:SkipMissingKV",
-          f"{MUTANTS_SUITE}::test_missing_kv_skipped_silently_is_caught_as_divergence"),
+          "suites/test_buffer_pressure.py::test_skipping_kv_that_did_not_fit_is_caught_as_divergence"),
     Entry("CorruptOnLoad", "garbled output, CUDA streams", "#20263",
           "KV damaged on its way into decode's cache (the CPU face of a racing receive buffer)",
           f"{CONNECTOR}:CorruptOnLoad",
