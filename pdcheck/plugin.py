@@ -50,6 +50,7 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (it names each item by its group)
 def pytest_collection_modifyitems(config, items):
     has_vllm = importlib.util.find_spec("vllm") is not None
     gpus = None
