@@ -50,6 +50,9 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+SESSION_FIXTURES = {"pd_pool", "pd_run_dir", "pd_history"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (it names each item by its group)
 def pytest_collection_modifyitems(config, items):
     has_vllm = importlib.util.find_spec("vllm") is not None
@@ -57,13 +60,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") and not config.getoption("--runslow"):
             item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
-        if item.get_closest_marker("vllm"):
-            # under `pytest -n 2 --dist loadgroup`, every test that starts vLLM engines runs in one
-            # worker, in order (the pool's deployments are shared and memory stays bounded); the
-            # tests that need no engine run in the other one beside them
+        if item.get_closest_marker("vllm") and SESSION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            # under `pytest -n 2 --dist loadgroup`, the tests on the session's engines (its pool of
+            # deployments, its run folder) run in one worker, in order, so there is one pool and
+            # memory stays bounded; tests that start engines of their own (through the CLI) or
+            # none run in the other worker beside them
             item.add_marker(pytest.mark.xdist_group("engines"))
-            if not has_vllm:
-                item.add_marker(pytest.mark.skip(reason="vLLM is not installed (pip install 'pdcheck[cpu]')"))
+        if item.get_closest_marker("vllm") and not has_vllm:
+            item.add_marker(pytest.mark.skip(reason="vLLM is not installed (pip install 'pdcheck[cpu]')"))
         needed = gpu_need(item)
         if needed:
             gpus = cuda_device_count() if gpus is None else gpus
