@@ -60,3 +60,11 @@ def test_boundary_requests_are_seeded_and_in_vocab():
     assert a == boundary_requests(1, 32, 256, 16, 512) and a != boundary_requests(2, 32, 256, 16, 512)
     assert all(4 <= t < 512 for r in a for t in r.prompt)
     assert len({r.request_id for r in a}) == len(a) >= 12
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice():
+    from pdcheck.cluster.instance import ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < ephemeral_low() for p in ports)

@@ -65,18 +65,25 @@ def engine_context():
 def free_port() -> int:
     """A loopback port that was free a moment ago, drawn below the kernel's ephemeral range: an
     instance binds its port seconds later, and a port the kernel hands out for outgoing
-    connections and port-0 binds could be taken by then."""
+    connections and port-0 binds could be taken by then. A port is handed out once per process,
+    so two instances started together never draw the same one."""
     low = ephemeral_low()
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(max(1024, low - 16384), low)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     raise InstanceFailed(f"no free loopback port below {low}")
+
+
+_handed_out: set[int] = set()
 
 
 def ephemeral_low() -> int:
