@@ -6,7 +6,8 @@ abandoned request ends as a clean error, every other request matches, and after 
 instance holds anything. The abort comes from the seeded nemesis (`pdcheck run --nemesis
 SEED`) and is written to the history. Negative control: KeepUnpulled keeps unpulled KV
 forever (leaks on abort); the abandoned request is classed `leak`, and its repro, which carries
-the fault, replays to the same leak.
+the fault, replays to the same leak. In put mode the KV waits in decode's receive buffer
+instead, and is dropped there after the hold.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from pdcheck.pd import ABANDONED
 
 pytestmark = pytest.mark.vllm
 SEED, LENGTHS = 7, [33, 65, 95]
-SETTINGS = json.dumps(dict(connector_spec("reference", '{"hold_s": 2}').extra_config))
 DRAIN_S = 5  # the 2 s hold, with room to spare
 
 
-def run(tmp_path, capfd, connector: str) -> tuple[int, str, dict]:
+def settings(mode: str) -> str:
+    return json.dumps(dict(connector_spec("reference", json.dumps({"hold_s": 2, "mode": mode})).extra_config))
+
+
+def run(tmp_path, capfd, connector: str, mode: str = "get") -> tuple[int, str, dict]:
     runs = tmp_path / "runs"
     code = main(["run", "--model", "tiny-llama", "--dtype", "bfloat16", "--connector", connector,
-                 "--connector-config", SETTINGS, "--lengths", ",".join(map(str, LENGTHS)), "--nemesis", str(SEED),
+                 "--connector-config", settings(mode), "--lengths", ",".join(map(str, LENGTHS)), "--nemesis", str(SEED),
                  "--drain-s", str(DRAIN_S), "--runs-dir", str(runs)])
     results = json.loads((runs / "latest" / "results.json").read_text())
     return code, capfd.readouterr().err, results
@@ -40,8 +44,11 @@ def test_the_seed_abandons_the_second_request_only():
     assert plan(SEED, len(LENGTHS)) == [Planned(1, "abort", 0.0)]
 
 
-def test_reference_connector_frees_what_an_abandoned_request_held(tmp_path, capfd):
-    code, err, results = run(tmp_path, capfd, "reference")
+@pytest.mark.parametrize("mode", ["get", "put"])
+def test_reference_connector_frees_what_an_abandoned_request_held(mode, tmp_path, capfd):
+    """get: prefill holds the KV for a pull that never comes; put: decode's receive buffer holds
+    the KV pushed for it. Either way it is let go after the hold."""
+    code, err, results = run(tmp_path, capfd, "reference", mode)
     assert code == 0 and "verdict: valid" in err, err
     (config,) = results["configs"]
     outcomes = [(r["prompt_len"], r["verdict"]["outcome"], r["faulted"], r["leak"]) for r in config["requests"]]
@@ -65,3 +72,4 @@ def test_keeping_unpulled_kv_is_caught_as_a_leak_of_each_abandoned_request(tmp_p
     assert json.loads(repro.read_text())["faults"] == [{"batch": 1, "target": "abort", "seconds": 0.0}]
     assert main(["repro", str(repro), "--runs-dir", str(tmp_path / "replays")]) == 0
     assert "reproduced: leak prefill0 still holds it after the drain" in capfd.readouterr().err
+
