@@ -226,6 +226,23 @@ def test_worker_halves_move_a_request_and_refuse_kv_that_does_not_fit():
         decode.close()
 
 
+@pytest.mark.parametrize("remote", [None, "decode-without-a-port", "127.0.0.1:http"])
+def test_a_push_to_a_peer_address_that_is_not_host_port_fails_cleanly_and_frees_the_request(remote, caplog):
+    """Transfer parameters without a usable decode address (a proxy or connector bug) must not
+    break prefill's engine step or pin its blocks: the push fails with an error naming the
+    address, and the request is reported done sending."""
+    from pdcheck.connector.worker import SaveEntry
+
+    prefill = worker_half("put")
+    try:
+        prefill.record_layer("layer0", torch.randn(4, 2, 4, 8))
+        prefill.save([SaveEntry("req", "key", [1], remote)])
+        assert prefill.finished({"req"}) == {"req"}
+        assert f"peer address {remote!r} is not host:port" in caplog.text
+    finally:
+        prefill.close()
+
+
 def test_pushed_kv_no_load_claims_is_dropped_after_its_hold_and_frees_its_room():
     """A decode leg that never comes must not leave its pushed KV filling the buffer for good."""
     inbox = Inbox(capacity_bytes=4096, spill_bytes=0, hold_s=0.2)

@@ -325,6 +325,9 @@ class KVClient:
         return self.buffer[:size]
 
     def connect(self, address: str) -> zmq.Socket:
+        host, _, port = str(address).rpartition(":")
+        if not host or not port.isdigit():  # from a peer's transfer parameters: refuse it by name
+            raise ProtocolError(f"peer address {address!r} is not host:port")
         socket_ = self.context.socket(zmq.DEALER)
         socket_.setsockopt(zmq.LINGER, 0)
         socket_.connect(f"tcp://{address}")
