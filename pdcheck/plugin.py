@@ -51,6 +51,13 @@ def cuda_device_count() -> int:
 
 
 SESSION_FIXTURES = {"pd_pool", "pd_run_dir", "pd_history"}
+ENGINES = "engines"  # the xdist group of the tests on those fixtures
+
+
+def replay_line(request) -> str:
+    """The command that reruns just this test, for its failure message (without the group
+    suffix xdist's loadgroup adds to node ids, which pytest would not find)."""
+    return f"replay: python -m pytest '{request.node.nodeid.removesuffix('@' + ENGINES)}' -p no:cacheprovider -q"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (it names each item by its group)
@@ -65,7 +72,7 @@ def pytest_collection_modifyitems(config, items):
             # deployments, its run folder) run in one worker, in order, so there is one pool and
             # memory stays bounded; tests that start engines of their own (through the CLI) or
             # none run in the other worker beside them
-            item.add_marker(pytest.mark.xdist_group("engines"))
+            item.add_marker(pytest.mark.xdist_group(ENGINES))
         if item.get_closest_marker("vllm") and not has_vllm:
             item.add_marker(pytest.mark.skip(reason="vLLM is not installed (pip install 'pdcheck[cpu]')"))
         needed = gpu_need(item)

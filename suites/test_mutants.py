@@ -28,6 +28,7 @@ from pdcheck.cluster.messages import GenRequest  # noqa: E402
 from pdcheck.config import REFERENCE, EngineSpec, connector_spec, model_path  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract  # noqa: E402
 from pdcheck.mutants.layouts import guessed_extract, slot_reshape_extract  # noqa: E402
+from pdcheck.plugin import replay_line as replay  # noqa: E402
 from pdcheck.workload.boundary import boundary_workload  # noqa: E402
 
 
@@ -65,10 +66,6 @@ def seen(checked) -> str:
         at = f" at token {c.verdict.position}" if c.verdict.position is not None else ""
         parts.append(f"{c.verdict.request_id} {c.verdict.outcome.value}{at}")
     return ", ".join(parts)
-
-
-def replay(request) -> str:
-    return f"replay: python -m pytest '{request.node.nodeid}' -p no:cacheprovider -q"
 
 
 @pytest.mark.vllm

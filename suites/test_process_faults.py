@@ -26,6 +26,7 @@ from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
 from pdcheck.history import History
 from pdcheck.pd import decode_request, prefill_request
+from pdcheck.plugin import replay_line as replay
 from pdcheck.workload.boundary import boundary_workload
 
 pytestmark = pytest.mark.vllm
@@ -50,10 +51,6 @@ class Paused:
 
 def settings(policy: str) -> str:
     return f'{{"deadline_s": {DEADLINE_S}, "hold_s": {HOLD_S}, "kv_load_failure_policy": "{policy}"}}'
-
-
-def replay(request) -> str:
-    return f"replay: python -m pytest '{request.node.nodeid}' -p no:cacheprovider -q"
 
 
 def pull_from_paused_prefill(deployment, victim, history, deadline_s: float = 30):
