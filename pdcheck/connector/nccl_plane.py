@@ -44,7 +44,7 @@ import torch
 import zmq
 
 from pdcheck.connector import stream
-from pdcheck.connector.buffers import Inbox, Outbox
+from pdcheck.connector.planes import PlaneBase
 from pdcheck.connector.config import P2PConfig
 from pdcheck.connector.nccl import LayerSpec, NcclPeer, block_checksums, recorded
 from pdcheck.connector.nccl_lib import NcclError, make_unique_id
@@ -68,22 +68,17 @@ class Frame:
     after: torch.cuda.Event  # recorded once the extract and the checksums are done
 
 
-class NcclPlane:
+class NcclPlane(PlaneBase):
     """The DataPlane over NCCL: this half's server (NcclServer) and its client (NcclClient)."""
 
     def __init__(self, config: P2PConfig, client_factory=None):
         if not torch.cuda.is_available():
             raise ValueError("plane 'nccl' needs CUDA KV caches, and this process sees no CUDA device; "
                              "use plane 'tcp' for KV caches in host memory")
-        self.config = config
+        super().__init__(config)
         self.device = torch.device("cuda", torch.cuda.current_device())
-        self.context = zmq.Context()
-        self.outbox = Outbox(config.hold_s)
-        self.inbox = Inbox(config.buffer_bytes, config.spill_bytes, config.hold_s)
         self.failures = Failures(config.hold_s)
-        self.server = NcclServer(self).start()
-        self.client = (client_factory or NcclClient)(self.context)
-        self.client.name, self.client.max_bytes = config.address, config.buffer_bytes + config.spill_bytes
+        self.attach(NcclServer(self), (client_factory or NcclClient)(self.context))
         self.client.device = self.device
 
     # -- prefill -----------------------------------------------------------------------------
@@ -171,15 +166,6 @@ class NcclPlane:
     def arrival_failed(self, key: str, error: Exception) -> None:
         self.inbox.release(key)
         self.failures.add(key, str(error))
-
-    # -- bookkeeping -------------------------------------------------------------------------
-    def finished(self) -> set[str]:
-        return self.outbox.finished()
-
-    def close(self) -> None:
-        self.server.stop()
-        self.client.close()
-        self.context.term()
 
 
 def layer_specs(header: Blocks) -> list[LayerSpec]:

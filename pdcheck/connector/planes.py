@@ -25,7 +25,6 @@ import zmq
 
 from pdcheck.connector.buffers import Inbox, Outbox
 from pdcheck.connector.config import P2PConfig, Plane
-from pdcheck.connector.nccl_plane import NcclPlane
 from pdcheck.connector.tcp import KVClient, KVServer, to_frame
 
 
@@ -47,21 +46,44 @@ class DataPlane(Protocol):
 
 def make_plane(config: P2PConfig, client_factory=None) -> DataPlane:
     if config.plane is Plane.NCCL:
+        from pdcheck.connector.nccl_plane import NcclPlane  # CUDA and NCCL only where asked for
+
         return NcclPlane(config, client_factory)
     return TcpPlane(config, client_factory)
 
 
-class TcpPlane:
-    """KV in host memory over pdcheck.connector.tcp: a KVServer, and one KVClient for transfers."""
+class PlaneBase:
+    """What every plane owns besides its wire: its settings, a ZMQ context, the Outbox and the
+    Inbox, then (`attach`) its server and its client, all stopped by `close`."""
 
-    def __init__(self, config: P2PConfig, client_factory=None):
+    def __init__(self, config: P2PConfig):
         self.config = config
         self.context = zmq.Context()
         self.outbox = Outbox(config.hold_s)
         self.inbox = Inbox(config.buffer_bytes, config.spill_bytes, config.hold_s)
-        self.server = KVServer(self.context, config.address, self.outbox, self.inbox, config.deadline_s).start()
-        self.client = (client_factory or KVClient)(self.context)
-        self.client.name, self.client.max_bytes = config.address, config.buffer_bytes + config.spill_bytes
+
+    def attach(self, server, client) -> None:
+        """Start the server; name the client and bound what it receives by the buffer."""
+        self.server = server.start()
+        self.client = client
+        client.name, client.max_bytes = self.config.address, self.config.buffer_bytes + self.config.spill_bytes
+
+    def finished(self) -> set[str]:
+        return self.outbox.finished()
+
+    def close(self) -> None:
+        self.server.stop()
+        self.client.close()
+        self.context.term()
+
+
+class TcpPlane(PlaneBase):
+    """KV in host memory over pdcheck.connector.tcp: a KVServer, and one KVClient for transfers."""
+
+    def __init__(self, config: P2PConfig, client_factory=None):
+        super().__init__(config)
+        self.attach(KVServer(self.context, config.address, self.outbox, self.inbox, config.deadline_s),
+                    (client_factory or KVClient)(self.context))
 
     def stage(self, key: str, data: torch.Tensor) -> torch.Tensor:
         return data
@@ -80,11 +102,3 @@ class TcpPlane:
         if data is None:
             raise TimeoutError(f"{key} was not pushed within {self.config.deadline_s}s")
         return data
-
-    def finished(self) -> set[str]:
-        return self.outbox.finished()
-
-    def close(self) -> None:
-        self.server.stop()
-        self.client.close()
-        self.context.term()
