@@ -42,7 +42,8 @@ from hypothesis.stateful import (  # noqa: E402
 
 from pdcheck.connector.config import Mode, P2PConfig  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract, inject  # noqa: E402
-from pdcheck.connector.memory import Core, FakeClock, Loop, MemoryPlane, Network, clocked  # noqa: E402
+from pdcheck.connector.actors import FakeClock, Loop, clocked  # noqa: E402
+from pdcheck.connector.memory import Core, MemoryPlane, Network  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
 from pdcheck.mutants.protocol import NoReplyDeadline, TakeKeepsKV  # noqa: E402
 
