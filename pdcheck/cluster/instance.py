@@ -62,6 +62,9 @@ def engine_context():
     return _context
 
 
+_handed_out: set[int] = set()  # by free_port, in this process
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago, drawn below the kernel's ephemeral range: an
     instance binds its port seconds later, and a port the kernel hands out for outgoing
@@ -81,9 +84,6 @@ def free_port() -> int:
             _handed_out.add(port)
             return port
     raise InstanceFailed(f"no free loopback port below {low}")
-
-
-_handed_out: set[int] = set()
 
 
 def ephemeral_low() -> int:

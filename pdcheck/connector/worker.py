@@ -153,9 +153,12 @@ class WorkerHalf:
     def held(self) -> str:
         """What this half still buffers, in words ("" if nothing): KV staged for a pull that has
         not come, KV received (or room reserved for it) that no load has taken."""
-        staged, received = self.plane.outbox.num_waiting, self.plane.inbox.used_bytes
-        return ", ".join([f"{staged} staged for a pull"] * bool(staged) +
-                         [f"{received} bytes received and not loaded"] * bool(received))
+        held = []
+        if staged := self.plane.outbox.num_waiting:
+            held.append(f"{staged} staged for a pull")
+        if received := self.plane.inbox.used_bytes:
+            held.append(f"{received} bytes received and not loaded")
+        return ", ".join(held)
 
     def take_load_errors(self) -> set[int]:
         errors, self.load_errors = self.load_errors, set()
