@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy_bench.add_argument("--warmup", type=int, default=30)
     add_proxy_parser(commands)
     add_serve_parser(commands)
+    add_test_parser(commands)
     add_mutants_parser(commands)
     repro = commands.add_parser("repro", help="replay a failure saved by `pdcheck run` (repro-*.json)")
     repro.add_argument("file", type=Path)
@@ -85,11 +86,26 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--max-model-len", type=int, default=256)
     serve.add_argument("--connector", default="reference", help="vLLM built-in name, module:Class or file.py:Class")
     serve.add_argument("--connector-config", help="JSON object for kv_connector_extra_config")
+    serve.add_argument("--profile", help="a JSON or TOML file of connector profile fields")
     serve.add_argument("--port", type=int, required=True, help="HTTP port")
     serve.add_argument("--kv-port", type=int, default=0, help="the connector's port (`{port}` in its config)")
     serve.add_argument("--proxy", help="the proxy's heartbeat address, host:port (prefill and decode roles)")
     serve.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     serve.add_argument("--run-dir", type=Path, default=Path("runs/serve"), help="the connector's `{run_dir}`")
+
+
+def add_test_parser(commands) -> None:
+    test = commands.add_parser("test", help="the conformance battery against a connector (pytest)",
+                               description="Every failure class against the connector under test. "
+                                           "Arguments after -- go to pytest (e.g. -- -k aborts -x).")
+    test.add_argument("--connector", required=True, help="vLLM built-in name, module:Class or file.py:Class")
+    test.add_argument("--connector-config", help="JSON object for kv_connector_extra_config")
+    test.add_argument("--profile", help="a JSON or TOML file of connector profile fields")
+    test.add_argument("--decode-prompt", choices=["original", "with_first_token"])
+    test.add_argument("--model", action="append", help="model folder or embedded name (repeatable; default both)")
+    test.add_argument("--dtype", action="append", choices=DTYPES, help="repeatable; default both")
+    test.add_argument("--runs-dir", type=Path, default=Path("runs"), help="engines' folders go under RUNS_DIR/battery")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments for pytest")
 
 
 def add_mutants_parser(commands) -> None:
@@ -117,6 +133,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connector", default=DEFAULT_CONNECTOR, help="vLLM built-in name, module:Class or file.py:Class")
     parser.add_argument("--connector-config", help="JSON object for kv_connector_extra_config")
     parser.add_argument("--decode-prompt", choices=["original", "with_first_token"])
+    parser.add_argument("--profile", help="a JSON or TOML file of connector profile fields (pdcheck/profiles.py)")
 
 
 def lengths_option(text: str) -> list[int]:
@@ -134,7 +151,7 @@ def topology_option(text: str) -> tuple[int, int]:
 
 
 def engine_specs(args) -> list[EngineSpec]:
-    connector = connector_spec(args.connector, args.connector_config, args.decode_prompt)
+    connector = connector_spec(args.connector, args.connector_config, args.decode_prompt, args.profile)
     models = [model_path(m) for m in (args.model or DEFAULT_MODELS)]
     return [
         EngineSpec(model=m, dtype=d, block_size=args.block_size, max_model_len=args.max_model_len, connector=connector)
@@ -145,7 +162,9 @@ def engine_specs(args) -> list[EngineSpec]:
 def serve_spec(args) -> EngineSpec:
     if args.role != "single" and not (args.proxy and args.kv_port):
         raise BadInput(f"--role {args.role} needs --proxy (the proxy's heartbeat address) and --kv-port")
-    connector = connector_spec(args.connector, args.connector_config) if args.role != "single" else None
+    if args.role != "single":
+        import vllm  # noqa: F401  (the server imports it anyway; the connector's class is then resolved here)
+    connector = connector_spec(args.connector, args.connector_config, None, args.profile) if args.role != "single" else None
     return EngineSpec(model=model_path(args.model), dtype=args.dtype, block_size=args.block_size,
                       max_model_len=args.max_model_len, connector=connector)
 
@@ -171,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                 from pdcheck.reproducer import run_repro
 
                 return run_repro(args, stack, console)
+            if args.command == "test":
+                from pdcheck.conformance.command import run_battery
+
+                return run_battery(args)
             if args.command == "mutants":
                 from pdcheck.bench_mutants import bench_mutants
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pdcheck.errors import BadInput
+from pdcheck.profiles import DecodePrompt, Profile, load_override, profile_for
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 DTYPES = ("float32", "bfloat16")
@@ -25,24 +26,23 @@ class Role(enum.Enum):
     DECODE = "decode"
 
 
-class DecodePrompt(enum.Enum):
-    """What the decode leg is given: the original prompt, or the prompt plus prefill's token."""
-
-    ORIGINAL = "original"
-    WITH_FIRST_TOKEN = "with_first_token"
-
-
 @dataclasses.dataclass(frozen=True)
 class ConnectorSpec:
     """A connector under test: a vLLM built-in name, `module:Class` or `path/to/file.py:Class`.
 
     String values in `extra_config` may hold `{run_dir}`, filled in with the run folder.
+    `profile` is what the harness must know to drive it (pdcheck/profiles.py); `profile_file`
+    the file it was overridden from, if any (replay lines carry it); `lineage` the MRO of the
+    class the name resolved to (known defects are matched against it).
     """
 
     name: str
     extra_config: tuple[tuple[str, Any], ...] = ()
     decode_prompt: DecodePrompt = DecodePrompt.ORIGINAL
     prefill_params: tuple[tuple[str, Any], ...] = (("do_remote_decode", True),)
+    profile: Profile = Profile()
+    profile_file: str | None = None
+    lineage: tuple[str, ...] = ()  # the resolved class's MRO, qualified names, nearest first
 
     def __post_init__(self):
         if not re.fullmatch(r"[\w./-]+(:\w+)?", self.name):
@@ -52,7 +52,8 @@ class ConnectorSpec:
             raise BadInput(f"connector {self.name!r}: file {module} does not exist")
 
     def __hash__(self) -> int:  # extra_config may hold JSON lists and objects
-        return hash(json.dumps([self.name, self.extra_config, self.decode_prompt.value], sort_keys=True, default=str))
+        return hash(json.dumps([self.name, self.extra_config, self.decode_prompt.value, self.profile_file],
+                               sort_keys=True, default=str))
 
     @property
     def class_name(self) -> str:
@@ -72,17 +73,21 @@ class ConnectorSpec:
         module = self.name.partition(":")[0]
         return str(Path(module).resolve().parent) if module.endswith(".py") else None
 
-    def kv_transfer_config(self, run_dir: Path, port: int) -> dict[str, Any]:
-        """vLLM's kv_transfer_config, with `{run_dir}` and this instance's `{port}` filled in.
+    def kv_transfer_config(self, run_dir: Path, port: int, role: Role | None = None) -> dict[str, Any]:
+        """vLLM's kv_transfer_config, with `{run_dir}` and this instance's `{port}` filled in,
+        and the profile's top-level fields (kv_buffer_device, the kv_role of `role`'s side).
 
         `kv_load_failure_policy` ("fail" or "recompute"), if given among the connector's
         settings, is vLLM's own setting for loads that fail, and is passed to vLLM as such.
         """
         extra = {k: v.format(run_dir=run_dir, port=port) if isinstance(v, str) else v for k, v in self.extra_config}
         policy = extra.pop("kv_load_failure_policy", None)
-        config = {"kv_connector": self.class_name, "kv_role": "kv_both", "kv_connector_extra_config": extra}
+        kv_role = {Role.PREFILL: self.profile.kv_role_prefill, Role.DECODE: self.profile.kv_role_decode}.get(role, "kv_both")
+        config = {"kv_connector": self.class_name, "kv_role": kv_role, "kv_connector_extra_config": extra}
         if policy is not None:
             config["kv_load_failure_policy"] = policy
+        if self.profile.kv_buffer_device is not None:
+            config["kv_buffer_device"] = self.profile.kv_buffer_device
         if self.module_path:
             config["kv_connector_module_path"] = self.module_path
         return config
@@ -91,33 +96,31 @@ class ConnectorSpec:
 REFERENCE = "pdcheck.connector.plugin:P2PConnector"
 ALIASES = {"reference": REFERENCE}
 
-BUILTIN_DEFAULTS = {
-    # ExampleConnector keys stored KV by a hash of the prompt, saved under a shared folder.
-    "ExampleConnector": {
-        "extra_config": {"shared_storage_path": "{run_dir}/kv"},
-        "decode_prompt": DecodePrompt.WITH_FIRST_TOKEN,
-    },
-    # pdcheck's reference connector: each instance listens on its own port; PUT modes push
-    # to the decode instance named in the prefill leg's parameters.
-    "P2PConnector": {
-        "extra_config": {"port": "{port}", "stats_path": "{run_dir}/transfers-{port}.jsonl"},
-        "prefill_params": {"do_remote_decode": True, "remote_decode": "{decode_addr}"},
-    },
-}
-
-
-def connector_spec(name: str, config_json: str | None = None, decode_prompt: str | None = None) -> ConnectorSpec:
-    """Build a ConnectorSpec from CLI or pytest option strings, filling built-in defaults."""
+def connector_spec(name: str, config_json: str | None = None, decode_prompt: str | None = None,
+                   profile_file: str | None = None) -> ConnectorSpec:
+    """Build a ConnectorSpec from CLI or pytest option strings: the profile of the connector's
+    resolved class (pdcheck/profiles.py), overridden by `profile_file` if given, then the
+    user's settings and decode prompt over the profile's."""
     name = ALIASES.get(name, name)
-    defaults = BUILTIN_DEFAULTS.get(name.rpartition(":")[2], {})
-    extra = dict(defaults.get("extra_config", {}))
-    extra.update(parse_json_object(config_json, "connector config"))
-    prompt = defaults.get("decode_prompt", DecodePrompt.ORIGINAL)
-    if decode_prompt is not None:
-        prompt = parse_enum(DecodePrompt, decode_prompt, "decode prompt")
-    prefill = defaults.get("prefill_params", {"do_remote_decode": True})
+    spec = ConnectorSpec(name=name)  # checks the name's form before anything is imported
+    lineage = tuple(connector_lineage(spec))
+    profile = profile_for(lineage)
+    if profile_file is not None:
+        profile = load_override(profile, profile_file)
+        profile_file = str(Path(profile_file).resolve())
+    extra = dict(profile.extra_config) | parse_json_object(config_json, "connector config")
+    prompt = profile.decode_prompt if decode_prompt is None else parse_enum(DecodePrompt, decode_prompt, "decode prompt")
     return ConnectorSpec(name=name, extra_config=tuple(sorted(extra.items())), decode_prompt=prompt,
-                         prefill_params=tuple(sorted(prefill.items())))
+                         prefill_params=tuple(sorted(profile.prefill_params.items())), profile=profile,
+                         profile_file=profile_file, lineage=lineage)
+
+
+def connector_lineage(spec: ConnectorSpec) -> list[str]:
+    """The connector class's MRO as qualified names; empty where it cannot be resolved here (no
+    vLLM, or a module that does not import: the instance's start then says so, as bad input)."""
+    from pdcheck.cluster.resolve import lineage
+
+    return lineage(spec)
 
 
 def parse_json_object(text: str | None, what: str) -> dict[str, Any]:
@@ -164,6 +167,8 @@ class EngineSpec:
     # (vLLM's CPU default sizes the pool by VLLM_CPU_KVCACHE_SPACE: 1 GiB, 1.6 GB resident);
     # a small pool forces preemption and quick block reuse
     num_blocks: int | None = 1024
+    # tokens per engine step; below max_model_len, long prompts are prefilled in chunks
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -16,8 +16,9 @@ import msgspec
 from pdcheck.checker.compare import Outcome, Verdict, judge
 from pdcheck.checker.oracle import Calibration, Oracle
 from pdcheck.cluster.deployment import Deployment
-from pdcheck.cluster.messages import GenRequest
+from pdcheck.cluster.messages import GenRequest, GenResult
 from pdcheck.connector.stats import Transfer
+from pdcheck.errors import InstanceFailed
 from pdcheck.history import History
 from pdcheck.known_defects import known_defect
 from pdcheck.nemesis.schedule import Nemesis
@@ -47,13 +48,13 @@ class Checked(msgspec.Struct):
     @property
     def passed(self) -> bool:
         """Matched with no known defect expected, or showed a known defect as recorded; never
-        a request still held after the drain."""
+        a request still held after the drain, nor one that loaded only part of its prompt."""
         if self.leak:
             return False
         if self.known_defect:
             return self.counted == "known"
         if self.faulted:
-            return self.verdict.outcome in (Outcome.MATCH, Outcome.ERROR, Outcome.FALLBACK)
+            return self.verdict.outcome in (Outcome.MATCH, Outcome.ERROR, Outcome.FALLBACK)  # never PARTIAL
         return self.verdict.outcome is Outcome.MATCH
 
 
@@ -65,6 +66,7 @@ def check(
     concurrency: int = 1,
     on_result=None,
     nemesis: Nemesis | None = None,
+    deadline_s: float = DEADLINE_S,
 ) -> tuple[Calibration, list[Checked]]:
     spec = deployment.spec
     oracle = oracle or Oracle(deployment.oracle)
@@ -86,10 +88,10 @@ def check(
         if nemesis:
             nemesis.due(index, "start", *pair)
             between = functools.partial(nemesis.due, index, "between", *pair)
-        results = deployment.run(batch, index, DEADLINE_S, between)
+        results = by_request(batch, deployment.run(batch, index, deadline_s, between))
         transfers = deployment.transfers()
-        for request, pd in zip(batch, results):
-            item = judge_one(spec, request, pd, expected[request.request_id], calibration, earlier)
+        for request, pd in results:
+            item = judge_one(spec, request, pd, expected[request.request_id], calibration, earlier, oracle)
             item.transfer = transfers.get((pd.prefill.kv_transfer_params or {}).get("transfer_key"))
             item.faulted = bool(nemesis and nemesis.faulted(index))
             earlier.append(len(request.prompt))
@@ -101,6 +103,15 @@ def check(
             if on_result:
                 on_result(item)
     return calibration, checked
+
+
+def by_request(sent: list[GenRequest], results: list[PDResult]) -> list[tuple[GenRequest, PDResult]]:
+    """Each request sent with its own result, matched by id: a result for a request that was not
+    sent, or a request with no result, is a harness error, never judged against another's."""
+    found = {pd.result.request_id: pd for pd in results}
+    if len(found) != len(results) or set(found) != {r.request_id for r in sent}:
+        raise InstanceFailed(f"results for {sorted(found)} do not answer requests {[r.request_id for r in sent]}")
+    return [(request, found[request.request_id]) for request in sent]
 
 
 def leaks(deployment: Deployment, history: History, timeout_s: float = 10.0,
@@ -122,18 +133,63 @@ def leaks(deployment: Deployment, history: History, timeout_s: float = 10.0,
     return found
 
 
-def judge_one(spec, request: GenRequest, pd: PDResult, expected, calibration: Calibration, earlier) -> Checked:
-    verdict = judge(
-        expected, pd.result, calibration.rule, calibration.tolerance, pd.external_tokens,
-        expects_transfer=len(request.prompt) > spec.block_size,
-    )
-    defect = known_defect(spec.connector.class_name, len(request.prompt), spec.block_size, earlier)
-    counted = "known" if defect and verdict.outcome is defect.outcome else verdict.outcome.value
+def judge_one(spec, request: GenRequest, pd: PDResult, expected, calibration: Calibration, earlier,
+              oracle: Oracle | None = None) -> Checked:
+    """One request's verdict; with `oracle`, near-ties are judged past (see judge_after_ties)."""
+    prompt_len = len(request.prompt)
+    verdict = judge(expected, pd.result, calibration.rule, calibration.tolerance, pd.external_tokens,
+                    expected_external(spec, prompt_len))
+    if oracle is not None:
+        verdict = judge_after_ties(oracle, request, pd.result, verdict, calibration)
+    defect = known_defect(spec.connector.lineage, prompt_len, spec.block_size, earlier)
+    counted = "known" if defect and defect.shows(verdict) else verdict.outcome.value
     return Checked(
-        config=spec.label, prompt_len=len(request.prompt), verdict=verdict, external_tokens=pd.external_tokens,
+        config=spec.label, prompt_len=prompt_len, verdict=verdict, external_tokens=pd.external_tokens,
         known_defect=defect.name if defect else None, counted=counted,
     )
 
 
 def completion_kind(outcome: Outcome) -> str:
     return {Outcome.MATCH: "ok", Outcome.HANG: "info"}.get(outcome, "fail")
+
+
+def expected_external(spec, prompt_len: int) -> int:
+    """The prompt tokens decode should load through the connector: its profile's count for a
+    prompt longer than one block; none for a shorter one."""
+    if prompt_len <= spec.block_size:
+        return 0
+    return spec.connector.profile.expected_tokens(prompt_len, spec.block_size)
+
+
+def judge_after_ties(oracle: Oracle, request: GenRequest, pd_result: GenResult, verdict: Verdict,
+                     calibration: Calibration) -> Verdict:
+    """Past an accepted near-tie at p the two outputs continue from different prefixes, so PD's
+    tokens after p are judged against the oracle continuing from PD's tokens up to p, and so on
+    for each further tie. A later divergence is `diverged` at its position in the whole output;
+    otherwise `verdict` stands, noting the later ties."""
+    judged, ties, max_diff = verdict, [], verdict.max_logprob_diff
+    while judged.tie_at is not None and judged.tie_at < len(pd_result.token_ids) - 1:
+        cut = judged.tie_at + 1
+        expected = spliced(pd_result, cut, oracle.continuation(request, pd_result.token_ids[:cut]))
+        judged = judge(expected, pd_result, calibration.rule, calibration.tolerance, 0, 0)
+        max_diff = max(max_diff, judged.max_logprob_diff)
+        if judged.outcome is not Outcome.MATCH:
+            detail = f"{judged.detail} (past the near-tie at token {cut - 1}, judged against the oracle continuing " \
+                     f"from PD's tokens)"
+            return msgspec.structs.replace(judged, max_logprob_diff=max_diff, detail=detail)
+        ties += [] if judged.tie_at is None else [judged.tie_at]
+    if not ties:
+        return msgspec.structs.replace(verdict, max_logprob_diff=max_diff)
+    return msgspec.structs.replace(verdict, tie_at=ties[-1], max_logprob_diff=max_diff,
+                                   detail=f"{verdict.detail}, then at token{'s' * (len(ties) > 1)} "
+                                          f"{', '.join(map(str, ties))}")
+
+
+def spliced(pd_result: GenResult, cut: int, continuation: GenResult) -> GenResult:
+    """The oracle's output as if it had produced PD's first `cut` tokens, then `continuation`."""
+    return msgspec.structs.replace(
+        continuation,
+        token_ids=pd_result.token_ids[:cut] + continuation.token_ids,
+        logprobs=pd_result.logprobs[:cut] + continuation.logprobs,
+        top_logprobs=pd_result.top_logprobs[:cut] + continuation.top_logprobs,
+    )

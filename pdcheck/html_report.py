@@ -332,6 +332,7 @@ padding-right:.5em;line-height:20px}
 font-size:12px;color:#000}
 .o-match{background:#3cb371}.o-diverged{background:#e03131}.o-error{background:#f08c00}.o-hang{background:#862e9c}
 .o-fallback{background:#fcc419}.o-known{background:#74c0fc}.o-leak{background:#5c3c00}.o-unfinished{background:#adb5bd}
+.o-partial{background:repeating-linear-gradient(45deg,#fcc419 0 3px,#fff 3px 6px)}
 .fault{position:absolute;top:0;bottom:0;background:rgba(255,120,0,.15);border-left:1px dashed #d9480f;
 border-right:1px dashed #d9480f;z-index:1}.fault.point{background:none;border-right:none}
 .fault span{position:absolute;top:-16px;font-size:11px;white-space:nowrap;color:#d9480f}

@@ -2,8 +2,9 @@
 
     pytest suites/ --pd-connector=ExampleConnector --pd-model tiny-llama --pd-dtype bfloat16
 
-Options: --pd-connector (a vLLM built-in name, module:Class or file.py:Class),
---pd-connector-config (JSON), --pd-decode-prompt, --pd-model and --pd-dtype (repeatable),
+Options: --pd-connector (a vLLM built-in name, module:Class or file.py:Class; the reference
+connector by default), --pd-connector-config (JSON), --pd-profile (a file overriding the
+connector's profile), --pd-decode-prompt, --pd-model and --pd-dtype (repeatable),
 --runslow; black-box mode against a running deployment: --pd-target, --pd-oracle, --pd-metrics
 (suites/test_blackbox.py runs `pdcheck run --target --oracle` on them). Markers: gpu, multi_gpu(n), slow, vllm. Tests that need what this machine lacks
 (vLLM, a GPU, n GPUs) are skipped with the reason. Under pytest-xdist each worker has its own
@@ -17,7 +18,7 @@ import os
 
 import pytest
 
-from pdcheck.config import DTYPES, EngineSpec, connector_spec, model_path
+from pdcheck.config import DTYPES, ConnectorSpec, EngineSpec, connector_spec, model_path
 from pdcheck.errors import BadInput
 
 DEFAULT_MODELS = ["tiny-llama", "tiny-qwen3-moe"]
@@ -25,8 +26,9 @@ DEFAULT_MODELS = ["tiny-llama", "tiny-qwen3-moe"]
 
 def pytest_addoption(parser):
     group = parser.getgroup("pdcheck", "PD serving correctness gate")
-    group.addoption("--pd-connector", default="ExampleConnector", help="connector under test")
+    group.addoption("--pd-connector", default="reference", help="connector under test (default: pdcheck's reference)")
     group.addoption("--pd-connector-config", default=None, help="JSON kv_connector_extra_config")
+    group.addoption("--pd-profile", default=None, help="a JSON or TOML file overriding the connector's profile")
     group.addoption("--pd-decode-prompt", default=None, choices=["original", "with_first_token"])
     group.addoption("--pd-model", action="append", default=None, help="model folder or embedded name")
     group.addoption("--pd-dtype", action="append", default=None, choices=DTYPES)
@@ -89,13 +91,26 @@ def gpu_need(item) -> int:
     return 1 if item.get_closest_marker("gpu") else 0
 
 
+CONNECTOR = pytest.StashKey[ConnectorSpec]()
+
+
+def connector_under_test(config) -> ConnectorSpec:
+    """The connector the options name, resolved to its class and profile once per session."""
+    if CONNECTOR not in config.stash:
+        try:
+            config.stash[CONNECTOR] = connector_spec(
+                config.getoption("--pd-connector"), config.getoption("--pd-connector-config"),
+                config.getoption("--pd-decode-prompt"), config.getoption("--pd-profile"),
+            )
+        except BadInput as e:
+            raise pytest.UsageError(str(e)) from None
+    return config.stash[CONNECTOR]
+
+
 def engine_specs(config) -> list[EngineSpec]:
     """One EngineSpec per (model, dtype) named by the options, with the connector under test."""
+    connector = connector_under_test(config)
     try:
-        connector = connector_spec(
-            config.getoption("--pd-connector"), config.getoption("--pd-connector-config"),
-            config.getoption("--pd-decode-prompt"),
-        )
         models = [model_path(m) for m in config.getoption("--pd-model") or DEFAULT_MODELS]
     except BadInput as e:
         raise pytest.UsageError(str(e)) from None

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from pdcheck.known_defects import KNOWN_DEFECTS
 
-COLUMNS = ["match", "diverged", "error", "hang", "fallback", "known", "leak"]
+COLUMNS = ["match", "diverged", "error", "hang", "fallback", "partial", "known", "leak"]
 
 
 def print_summary(console: Console, configs: list[dict]) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import shlex
 
-from pdcheck.config import BUILTIN_DEFAULTS, DecodePrompt, EngineSpec
+from pdcheck.config import EngineSpec
 
 
 def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[int], nemesis: int | None = None,
-                   drain_s: float = 10.0) -> str:
+                   drain_s: float = 10.0, topology: tuple[int, int] = (1, 1)) -> str:
     """`lengths`: the prompt lengths sent, in order, ending with the failing request's. A
     nemesis plan for fewer requests is the start of the plan for more, so the seed replays it."""
     connector = spec.connector
@@ -21,12 +21,16 @@ def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[i
              "--block-size", str(spec.block_size), "--max-model-len", str(spec.max_model_len),
              "--connector", connector.name, "--seed", str(seed), "--max-tokens", str(max_tokens),
              "--lengths", ",".join(map(str, lengths))]
-    defaults = BUILTIN_DEFAULTS.get(connector.class_name, {})
+    profile = connector.profile
+    if connector.profile_file:
+        parts += ["--profile", connector.profile_file]
     extra = dict(connector.extra_config)
-    if extra != defaults.get("extra_config", {}):
+    if extra != profile.extra_config:
         parts += ["--connector-config", json.dumps(extra, sort_keys=True)]
-    if connector.decode_prompt is not defaults.get("decode_prompt", DecodePrompt.ORIGINAL):
+    if connector.decode_prompt is not profile.decode_prompt:
         parts += ["--decode-prompt", connector.decode_prompt.value]
+    if tuple(topology) != (1, 1):
+        parts += ["--topology", "{}P{}D".format(*topology)]
     if nemesis is not None:
         parts += ["--nemesis", str(nemesis)]
     if drain_s != 10.0:

@@ -25,6 +25,7 @@ import msgspec
 from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import FIXTURES, ConnectorSpec, DecodePrompt, EngineSpec, model_path
 from pdcheck.errors import BadInput
+from pdcheck.profiles import Profile
 from pdcheck.nemesis.schedule import Planned
 
 VERSION = 1
@@ -48,6 +49,8 @@ class Repro(msgspec.Struct):
         connector["extra_config"] = tuple(sorted(connector["extra_config"].items()))
         connector["prefill_params"] = tuple(sorted(connector["prefill_params"].items()))
         connector["decode_prompt"] = DecodePrompt(connector["decode_prompt"])
+        connector["profile"] = msgspec.convert(connector.get("profile", {}), Profile)
+        connector["lineage"] = tuple(connector.get("lineage", ()))
         engine = dict(self.engine, model=model_path(self.engine["model"]))
         return EngineSpec(**engine, connector=ConnectorSpec(**connector))
 
@@ -58,7 +61,8 @@ def make_repro(spec: EngineSpec, topology, seed: int, requests: list[GenRequest]
     engine["model"] = str(spec.model)
     c = spec.connector
     connector = {"name": c.name, "extra_config": dict(c.extra_config), "decode_prompt": c.decode_prompt.value,
-                 "prefill_params": dict(c.prefill_params)}
+                 "prefill_params": dict(c.prefill_params), "profile": msgspec.to_builtins(c.profile),
+                 "profile_file": c.profile_file, "lineage": list(c.lineage)}
     faults = [f for f in faults if f.batch < len(requests)]
     return Repro(engine, connector, tuple(topology), seed, requests, outcome, detail, faults=faults, drain_s=drain_s)
 

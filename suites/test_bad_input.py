@@ -28,6 +28,7 @@ CASES = {
     "invalid-json-config": (["--connector-config", "{not json"], "invalid JSON"),
     "json-config-not-an-object": (["--connector-config", "[1, 2]"], "expected a JSON object"),
     "no-prompt-of-that-length": (["--lengths", "7"], "no workload prompt"),
+    "missing-profile-file": (["--profile", "/nonexistent/profile.json"], "cannot be read"),
 }
 NEEDS_VLLM = {"unknown-connector-name", "module-does-not-import", "class-is-not-a-connector"}
 
@@ -63,11 +64,11 @@ def test_bad_input_gives_one_line_error_and_exit_2(case, tmp_path):
 @pytest.mark.vllm
 def test_a_deployment_that_fails_to_start_leaves_nothing_half_started_in_the_pool(pd_run_dir):
     from pdcheck.cluster.pool import DeploymentPool
-    from pdcheck.config import EngineSpec, connector_spec, model_path
+    from pdcheck.config import ConnectorSpec, EngineSpec, model_path
     from pdcheck.errors import BadInput
 
     pool = DeploymentPool(pd_run_dir / "pool-failing-start")
-    spec = EngineSpec(model=model_path("tiny-llama"), connector=connector_spec("no_such_module_xyz:Conn"))
+    spec = EngineSpec(model=model_path("tiny-llama"), connector=ConnectorSpec("no_such_module_xyz:Conn"))
     try:
         with pytest.raises(BadInput, match="does not import"):
             pool.get(spec)

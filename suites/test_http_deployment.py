@@ -62,7 +62,7 @@ def test_2p2d_through_the_proxy_matches_the_oracle_whole_and_streamed(served):
         streamed = complete(served.proxy.url, MODEL, request, stream=True, timeout_s=DEADLINE_S)
         long = len(request.prompt) > spec.block_size
         for how, result in (("whole", whole), ("streamed", streamed)):
-            verdict = judge(oracle, result, Rule.STRICT, 0.0, result.num_cached_tokens, expects_transfer=long)
+            verdict = judge(oracle, result, Rule.STRICT, 0.0, result.num_cached_tokens, expected_external=int(long))
             if verdict.outcome is not Outcome.MATCH:
                 failures.append(f"len {len(request.prompt)} {how}: {verdict.outcome.value} {verdict.detail}")
             if long and result.num_cached_tokens != len(request.prompt) - 1:

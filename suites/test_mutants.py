@@ -96,7 +96,7 @@ def test_missing_kv_skipped_silently_is_caught_as_divergence(pd_run_dir, request
         prefilled = prefill.generate([prefill_request(probe, spec.connector, decode)], 30)[0]
         prefill.process.kill()
         decoded = decode.generate([decode_request(probe, prefilled, spec.connector)], 30)[0]
-    verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expects_transfer=True)
+    verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expected_external=1)
     at = f" at token {verdict.position}" if verdict.position is not None else ""
     request.node.user_properties.append(("seen", f"{verdict.request_id} {verdict.outcome.value}{at} (prefill killed)"))
     assert verdict.outcome is Outcome.DIVERGED, verdict

@@ -41,7 +41,7 @@ def run_control(pd_pool, pd_history, decode_spec: EngineSpec, spec: EngineSpec):
 def judged_apart_from_defects(checked, spec):
     lengths = [c.prompt_len for c in checked]
     return [c for i, c in enumerate(checked)
-            if not known_defect(spec.connector.class_name, c.prompt_len, spec.block_size, lengths[:i])]
+            if not known_defect(spec.connector.lineage, c.prompt_len, spec.block_size, lengths[:i])]
 
 
 @pytest.mark.vllm

@@ -74,7 +74,7 @@ def test_prefill_paused_during_the_pull_ends_in_time_and_leaves_nothing_held(pol
     with Deployment(spec, pd_run_dir, f"pause-prefill-{policy}") as deployment:
         expected, decoded, elapsed = pull_from_paused_prefill(deployment, victim, pd_history)
         assert elapsed < DEADLINE_S + 5, f"decode took {elapsed:.1f}s against a {DEADLINE_S}s deadline"
-        verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expects_transfer=False)
+        verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expected_external=0)
         want = Outcome.ERROR if policy == "fail" else Outcome.MATCH
         assert verdict.outcome is want and not decoded.hung, (verdict, decoded)
         _, checked = check(deployment, requests[:9], pd_history)
@@ -92,7 +92,7 @@ def test_a_pull_with_no_deadline_is_caught_hanging_on_the_paused_prefill(pd_run_
     victim = boundary_workload(spec)[6]
     with Deployment(spec, pd_run_dir, "pause-prefill-no-deadline") as deployment:
         expected, decoded, elapsed = pull_from_paused_prefill(deployment, victim, pd_history, deadline_s=4)
-    verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expects_transfer=False)
+    verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expected_external=0)
     assert verdict.outcome is Outcome.HANG, f"{verdict} after {elapsed:.1f}s\n{replay(request)}"
 
 

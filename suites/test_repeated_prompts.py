@@ -17,7 +17,6 @@ import pytest
 from pdcheck.checker.compare import Outcome
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
-from pdcheck.plugin import engine_specs
 from pdcheck.report import failure_line
 from pdcheck.workload.boundary import repeated_requests
 
@@ -37,10 +36,6 @@ def run_repeated(pd_pool, pd_history, spec: EngineSpec, concurrency: int):
     return failures, leaks(deployment, pd_history)
 
 
-def under_test(config) -> EngineSpec:
-    return repeated_spec(next(s for s in engine_specs(config) if s.dtype == "bfloat16"))
-
-
 @pytest.mark.vllm
 @pytest.mark.parametrize("concurrency", [1, REPEATS], ids=["sequential", "concurrent"])
 @pytest.mark.parametrize("mode", ["get", "put_async"])  # pull, and the send thread of #22965
@@ -48,14 +43,6 @@ def test_reference_connector_serves_repeated_prompts_exactly(mode, concurrency, 
     spec = repeated_spec(EngineSpec(model=model_path("tiny-llama"), dtype="bfloat16",
                                     connector=connector_spec("reference", f'{{"mode": "{mode}"}}')))
     failures, leaked = run_repeated(pd_pool, pd_history, spec, concurrency)
-    assert not failures, "\n".join(failures)
-    assert not leaked, leaked
-
-
-@pytest.mark.vllm
-@pytest.mark.parametrize("concurrency", [1, REPEATS], ids=["sequential", "concurrent"])
-def test_connector_under_test_serves_repeated_prompts_exactly(concurrency, pd_pool, pd_history, pytestconfig):
-    failures, leaked = run_repeated(pd_pool, pd_history, under_test(pytestconfig), concurrency)
     assert not failures, "\n".join(failures)
     assert not leaked, leaked
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdcheck.config import DecodePrompt, EngineSpec, connector_spec, model_path
+from pdcheck.config import ConnectorSpec, DecodePrompt, EngineSpec, connector_spec, model_path
 from pdcheck.errors import BadInput
 from pdcheck.workload.boundary import boundary_lengths, boundary_requests
 
@@ -40,10 +40,10 @@ def test_builtin_defaults_and_overrides():
 
 
 def test_module_and_file_connectors_name_their_module(tmp_path):
-    assert connector_spec("pkg.mod:Cls").module_path == "pkg.mod"
+    assert ConnectorSpec("pkg.mod:Cls").module_path == "pkg.mod"
     path = tmp_path / "conn.py"
     path.write_text("")
-    spec = connector_spec(f"{path}:Cls")
+    spec = ConnectorSpec(f"{path}:Cls")
     assert (spec.module_path, spec.module_dir, spec.class_name) == ("conn", str(tmp_path), "Cls")
 
 

@@ -28,6 +28,7 @@ from pdcheck.history import read_history
 from pdcheck.html_report import write_report
 from pdcheck.nemesis.schedule import Nemesis, Planned
 from pdcheck.pd import PDResult
+from pdcheck.profiles import Profile
 from pdcheck.store import RunStore
 
 CONFIG = "tiny-llama/bfloat16"
@@ -73,7 +74,8 @@ class FakeDeployment:
     """1P1D as gate.check drives it; each request's PD output scripted, decode's process real."""
 
     def __init__(self, outputs: dict[str, PDResult], process):
-        self.spec = SimpleNamespace(label=CONFIG, block_size=32, connector=SimpleNamespace(class_name="Fake"))
+        connector = SimpleNamespace(profile=Profile(), lineage=())
+        self.spec = SimpleNamespace(label=CONFIG, block_size=32, connector=connector)
         self.outputs, self.topology = outputs, "1P1D"
         self.instances = [SimpleNamespace(name=name, process=process,
                                           drain=lambda _, usage=usage: EngineState(usage, 0, 0))
@@ -171,6 +173,25 @@ def test_counts_per_outcome_and_the_leak_equal_results_json(gate_run):
     (drained,) = page.having("drained")
     assert drained["text"] == "leak" and drained["data-leaks"] == str(len(cfg["leaks"])) == "1"
     assert next(e for e in page.found if e.get("id") == "verdict")["text"] == results["verdict"] == "invalid"
+
+
+def test_a_partial_load_is_counted_colored_and_failed(tmp_path):
+    """A request that matched but loaded 32 of the 64 prompt tokens expected is `partial`: its own
+    summary column, its own bar color, and a failure."""
+    requests = [GenRequest("r-len65", list(range(65)), 16)]
+    outputs = {"r-len65": PDResult(result("r-len65", EXPECTED), 32, GenResult("r-len65"))}
+    oracle = SimpleNamespace(calibration=STRICT, results=lambda rs: [result(r.request_id, EXPECTED) for r in rs])
+    store = RunStore(tmp_path / "runs")
+    calibration, checked = check(FakeDeployment(outputs, None), requests, store.history, oracle=oracle)
+    store.write_results({"verdict": "invalid", "configs": [{"config": CONFIG, "calibration": calibration,
+                                                            "requests": checked, "leaks": []}]})
+    store.close()
+    text = write_report(store.folder).read_text()
+    page = Elements(text)
+    (bar,) = page.having("bar")
+    assert (bar["data-outcome"], bar["data-failed"]) == ("partial", "1") and "o-partial" in bar["class"].split()
+    (cell,) = [c for c in page.found if c.get("data-outcome") == "partial" and c["tag"] == "td"]
+    assert cell["text"] == "1" and ".o-partial{" in text
 
 
 def test_the_page_fetches_nothing(gate_run):

@@ -139,7 +139,7 @@ def verdict(config: str, request: GenRequest, got: GenResult, expected: GenResul
     cached tokens (else the transfer is unknown, not failed)."""
     observable = got.cached_tokens_reported
     v = judge(expected, got, calibration.rule, calibration.tolerance, got.num_cached_tokens,
-              expects_transfer=observable and len(request.prompt) > block_size)
+              expected_external=1 if observable and len(request.prompt) > block_size else 0)
     history.record(completion_kind(v.outcome), config=config, request_id=request.request_id, verdict=v,
                    external_tokens=got.num_cached_tokens if observable else None, tokens=got.token_ids)
     return Checked(config=config, prompt_len=len(request.prompt), verdict=v, external_tokens=got.num_cached_tokens,

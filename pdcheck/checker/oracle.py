@@ -1,6 +1,8 @@
 """The oracle: a single engine with the PD engines' settings and no connector.
 
-Results are cached per (prompt, max_tokens) for the life of the Oracle. Before its results are
+Results are cached per (prompt, max_tokens) for the life of the Oracle; `continuation` is the
+output after some forced tokens (a request of the prompt plus those tokens), cached the same way,
+so the tolerant rule can judge PD past a near-tie from PD's own prefix. Before its results are
 trusted bitwise, `calibrate` runs the same requests again in another batch composition (each
 alone, in reverse order). If the two agree bit for bit the strict rule applies; otherwise the
 tolerant rule, with a logprob tolerance scaled from the largest self-difference seen.
@@ -43,6 +45,12 @@ class Oracle:
             for request, result in zip(missing.values(), self.instance.generate(list(missing.values()), self.deadline_s)):
                 self.cache[self.key(request)] = result
         return [msgspec.structs.replace(self.cache[self.key(r)], request_id=r.request_id) for r in requests]
+
+    def continuation(self, request: GenRequest, forced: list[int]) -> GenResult:
+        """The oracle's output after `forced`: prompt + forced, for the max_tokens left."""
+        rest = msgspec.structs.replace(request, prompt=request.prompt + list(forced),
+                                       max_tokens=request.max_tokens - len(forced))
+        return self.results([rest])[0] if rest.max_tokens > 0 else GenResult(request.request_id)
 
     def calibrate(self, requests: list[GenRequest]) -> Calibration:
         batched = self.results(requests)

@@ -52,8 +52,18 @@ class Deployment:
 
     def run(self, requests: list[GenRequest], batch: int, deadline_s: float, between=None) -> list[PDResult]:
         """The `batch`-th batch of requests through its pair's two legs (`between()` runs
-        between them: where a nemesis pauses prefill)."""
-        return run_pd(*self.pair(batch), self.spec.connector, requests, deadline_s, between)
+        between them: where a nemesis pauses prefill). An instance of the pair that died since
+        it started (killed when it stopped answering) is restarted first."""
+        pair = self.pair(batch)
+        self.revive(pair)
+        return run_pd(*pair, self.spec.connector, requests, deadline_s, between)
+
+    def revive(self, instances: list[Instance] | tuple[Instance, ...] | None = None) -> None:
+        """Restart each of `instances` (default: all) that died since it started: killed when it
+        stopped answering, or by a fault. The requests after still get verdicts."""
+        for instance in self.instances if instances is None else instances:
+            if instance.start_s is not None and not instance.alive:
+                instance.restart()
 
     def pair(self, i: int) -> tuple[Instance, Instance]:
         p = len(self.prefills)

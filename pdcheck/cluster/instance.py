@@ -28,7 +28,7 @@ from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput, InstanceFailed
 
 READY_TIMEOUT_S = 180.0
-REPLY_GRACE_S = 30.0
+REPLY_GRACE_S = 10.0  # past a deadline, for a worker stepping its engine to answer
 _context = None
 
 
@@ -129,6 +129,14 @@ def wait_for_exit(pid: int, timeout_s: float) -> bool:
     return False
 
 
+def instance_env(spec: EngineSpec) -> dict[str, str]:
+    """The connector profile's per-instance environment, each `{free_port}` a port of its own."""
+    if spec.connector is None:
+        return {}
+    return {key: value.replace("{free_port}", str(free_port())) if "{free_port}" in value else value
+            for key, value in spec.connector.profile.instance_env.items()}
+
+
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core runs inside the worker
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; else vLLM takes ~8 GiB and ~17 s
@@ -146,6 +154,7 @@ class Instance:
     def __init__(self, name: str, spec: EngineSpec, role: Role, run_dir: Path, cpus: list[int]):
         self.name, self.spec, self.role, self.run_dir, self.cpus = name, spec, role, run_dir, cpus
         self.port = free_port()  # the connector's, where it listens (`{port}` in its config)
+        self.env = instance_env(spec)
         self.folder = run_dir / "instances" / name
         self.process = None
         self.conn = None
@@ -158,7 +167,8 @@ class Instance:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.conn, child = context.Pipe()
         lifeline, self.lifeline = context.Pipe(duplex=False)  # closed when this process ends
-        args = (child, lifeline, self.spec, str(self.folder), self.cpus, str(self.run_dir), self.port)
+        args = (child, lifeline, self.spec, str(self.folder), self.cpus, str(self.run_dir), self.port, self.role,
+                self.env)
         self.process = context.Process(target=worker.main, args=args, name=f"pdcheck-{self.name}", daemon=True)
         self.process.start()
         child.close()
@@ -195,6 +205,12 @@ class Instance:
         self.conn.send_bytes(self.encoder.encode(Drain(timeout_s=timeout_s)))
         message = self._receive(timeout_s + REPLY_GRACE_S)
         return message if isinstance(message, EngineState) else None
+
+    def restart(self) -> None:
+        """A fresh engine in place of a dead or stuck one: same name, settings and ports."""
+        self.close(graceful=False)
+        self.start_s = None
+        self.start().wait_ready()
 
     @property
     def alive(self) -> bool:

@@ -15,6 +15,7 @@ class GenRequest(msgspec.Struct, frozen=True):
     max_tokens: int
     num_logprobs: int = 5
     kv_transfer_params: dict[str, Any] | None = None
+    arrive_step: int = 0  # added to the engine at its n-th step of the batch (staggered arrivals)
 
 
 class GenResult(msgspec.Struct):

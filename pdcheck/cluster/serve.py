@@ -33,7 +33,7 @@ def server_argv(spec: EngineSpec, role: Role, port: int, kv_port: int, run_dir: 
             "--enforce-eager", "--seed", "0", "--max-num-seqs", "64", "--enable-prompt-tokens-details",
             "--enable-prefix-caching" if spec.prefix_caching else "--no-enable-prefix-caching"]
     if role is not Role.SINGLE:
-        argv += ["--kv-transfer-config", json.dumps(spec.connector.kv_transfer_config(run_dir, kv_port))]
+        argv += ["--kv-transfer-config", json.dumps(spec.connector.kv_transfer_config(run_dir, kv_port, role))]
     return argv
 
 

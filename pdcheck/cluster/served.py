@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pdcheck.client import complete_all, engine_state
 from pdcheck.cluster.deployment import cpu_plan
-from pdcheck.cluster.instance import cache_dir, free_port
+from pdcheck.cluster.instance import cache_dir, free_port, instance_env
 from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
 from pdcheck.cluster.serve import wait_healthy
 from pdcheck.config import EngineSpec, Role
@@ -71,6 +71,8 @@ class ServedInstance:
         if self.role is not Role.SINGLE:
             argv += ["--connector", spec.connector.name, "--connector-config", json.dumps(dict(spec.connector.extra_config)),
                      "--kv-port", str(self.kv_port), "--proxy", self.proxy_heartbeat, "--heartbeat-interval-s", "0.5"]
+            if spec.connector.profile_file:
+                argv += ["--profile", spec.connector.profile_file]
         return argv
 
     def start(self) -> ServedInstance:
@@ -78,7 +80,7 @@ class ServedInstance:
         (cache_dir() / "t").mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=cache_dir() / "t"))
         env = os.environ | {"TMPDIR": str(self.tmp), "VLLM_CACHE_ROOT": str(cache_dir() / "vllm"),
-                            "TORCHINDUCTOR_CACHE_DIR": str(cache_dir() / "inductor")}
+                            "TORCHINDUCTOR_CACHE_DIR": str(cache_dir() / "inductor")} | instance_env(self.spec)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True, preexec_fn=die_with_parent)

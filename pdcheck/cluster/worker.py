@@ -23,21 +23,23 @@ import msgspec
 from pdcheck.cluster.messages import (
     Drain, EngineState, Failed, GenRequest, GenResult, Ready, Results, Stop, ToWorker,
 )
-from pdcheck.config import EngineSpec
+from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput
 
 PR_SET_PDEATHSIG = 1
 
 
-def main(conn, lifeline, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str, port: int) -> None:
+def main(conn, lifeline, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str, port: int, role: Role,
+         env: dict[str, str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner stops us, not the terminal
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if the forkserver goes
     threading.Thread(target=die_with_owner, args=(lifeline,), name="pdcheck-lifeline", daemon=True).start()
     isolate(Path(folder), cpus)
+    os.environ.update(env)  # the connector's per-instance settings (its profile's instance_env)
     encoder = msgspec.msgpack.Encoder()
     try:
         started = time.monotonic()
-        engine = build_engine(spec, Path(run_dir), port)
+        engine = build_engine(spec, Path(run_dir), port, role)
         conn.send_bytes(encoder.encode(Ready(pid=os.getpid(), start_s=time.monotonic() - started)))
     except BadInput as e:
         conn.send_bytes(encoder.encode(Failed(message=str(e), bad_input=True)))
@@ -70,18 +72,20 @@ def isolate(folder: Path, cpus: list[int]) -> None:
     os.dup2(log, 2)
 
 
-def connector_class_check(spec: EngineSpec) -> None:
-    """Refuse a connector that vLLM cannot load, before building the engine."""
+def connector_class(connector):
+    """The connector's class as vLLM would load it; BadInput where vLLM could not load it."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
-    connector = spec.connector
     if connector.module_path is None:
         if connector.name not in KVConnectorFactory._registry:
             known = ", ".join(sorted(KVConnectorFactory._registry))
             raise BadInput(f"connector {connector.name!r}: not a vLLM built-in connector (known: {known})")
-        return
-    if connector.module_dir:
+        try:
+            return KVConnectorFactory._registry[connector.name]()
+        except Exception as e:
+            raise BadInput(f"connector {connector.name!r}: vLLM cannot load it ({type(e).__name__}: {e})") from None
+    if connector.module_dir and connector.module_dir not in sys.path:
         sys.path.insert(0, connector.module_dir)
     try:
         module = importlib.import_module(connector.module_path)
@@ -90,21 +94,35 @@ def connector_class_check(spec: EngineSpec) -> None:
     cls = getattr(module, connector.class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, KVConnectorBase_V1)):
         raise BadInput(f"connector {connector.name!r}: {connector.class_name} is not a vLLM KV connector class")
+    return cls
 
 
-def build_engine(spec: EngineSpec, run_dir: Path, port: int):
+def report_lineage(conn, connector) -> None:
+    """In a child of the engine forkserver: send the connector class's MRO as qualified names,
+    or the BadInput message that says why it cannot be loaded."""
+    try:
+        cls = connector_class(connector)
+        conn.send([f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__])
+    except BadInput as e:
+        conn.send(str(e))
+    finally:
+        conn.close()
+
+
+def build_engine(spec: EngineSpec, run_dir: Path, port: int, role: Role):
     from vllm import EngineArgs, LLMEngine
     from vllm.config import KVTransferConfig
 
     kv_config = None
     if spec.connector is not None:
-        connector_class_check(spec)
-        kv_config = KVTransferConfig(**spec.connector.kv_transfer_config(run_dir, port))
+        connector_class(spec.connector)
+        kv_config = KVTransferConfig(**spec.connector.kv_transfer_config(run_dir, port, role))
     args = EngineArgs(
         model=str(spec.model), skip_tokenizer_init=True, dtype=spec.dtype, max_model_len=spec.max_model_len,
         block_size=spec.block_size, enforce_eager=True, distributed_executor_backend="uni", seed=0,
         enable_prefix_caching=spec.prefix_caching, kv_transfer_config=kv_config, max_num_seqs=64,
-        num_gpu_blocks_override=spec.num_blocks,
+        num_gpu_blocks_override=spec.num_blocks, max_num_batched_tokens=spec.max_num_batched_tokens,
+        enable_chunked_prefill=spec.max_num_batched_tokens is not None or None,
     )
     return LLMEngine.from_engine_args(args)
 
@@ -172,14 +190,14 @@ def sampling_params(request: GenRequest):
 def run_batch(engine, requests: list[GenRequest], deadline: float) -> list[GenResult]:
     """Run requests together as one batch; those unfinished at the deadline are aborted as hung."""
     results: dict[str, GenResult] = {}
-    for r in requests:
-        try:
-            engine.add_request(r.request_id, {"prompt_token_ids": r.prompt}, sampling_params(r))
-        except Exception as e:
-            results[r.request_id] = GenResult(request_id=r.request_id, error=f"{type(e).__name__}: {e}")
-    pending = {r.request_id for r in requests} - set(results)
+    arriving = sorted(requests, key=lambda r: r.arrive_step)
+    pending = {r.request_id for r in requests}
+    step = 0
     try:
         while pending and time.monotonic() < deadline:
+            while arriving and arriving[0].arrive_step <= step:
+                add_request(engine, arriving.pop(0), results, pending)
+            step += 1
             for out in engine.step():
                 if out.finished and out.request_id in pending:
                     results[out.request_id] = to_result(out)
@@ -194,6 +212,14 @@ def run_batch(engine, requests: list[GenRequest], deadline: float) -> list[GenRe
         for rid in pending:
             results[rid] = GenResult(request_id=rid, hung=True, error="deadline passed")
     return [results[r.request_id] for r in requests]
+
+
+def add_request(engine, r: GenRequest, results: dict[str, GenResult], pending: set[str]) -> None:
+    try:
+        engine.add_request(r.request_id, {"prompt_token_ids": r.prompt}, sampling_params(r))
+    except Exception as e:
+        results[r.request_id] = GenResult(request_id=r.request_id, error=f"{type(e).__name__}: {e}")
+        pending.discard(r.request_id)
 
 
 def to_result(out) -> GenResult:

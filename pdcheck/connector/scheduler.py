@@ -37,6 +37,7 @@ class SchedulerHalf:
         self.loads: dict[str, LoadEntry] = {}
         self.local_hits: dict[str, int] = {}
         self.delayed: set[str] = set()  # finished requests whose blocks wait for their send
+        self.loaded: set[str] = set()  # decode requests whose KV was loaded: a transfer is pulled once
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params or {}
@@ -46,7 +47,8 @@ class SchedulerHalf:
         if params.get("do_remote_decode") and prompt_len > 1 and request.request_id not in self.saves:
             key = self.new_transfer_key(request)
             self.saves[request.request_id] = PendingSave(key, prompt_len, params.get("remote_decode"))
-        if not params.get("do_remote_prefill"):
+        if not params.get("do_remote_prefill") or request.request_id in self.loaded:
+            # a request resumed after preemption recomputes: its KV was consumed by its first load
             return 0, False
         self.local_hits[request.request_id] = num_computed_tokens
         # decode computes the last prompt token itself, so it has logits to sample from
@@ -66,6 +68,7 @@ class SchedulerHalf:
         if num_external_tokens <= 0:
             return
         params = request.kv_transfer_params
+        self.loaded.add(request.request_id)
         block_ids = list(blocks.get_block_ids()[0])
         first, end = local // self.block_size, math.ceil((local + num_external_tokens) / self.block_size)
         self.loads[request.request_id] = LoadEntry(
@@ -97,6 +100,7 @@ class SchedulerHalf:
         return SaveEntry(req_id, pending.transfer_key, blocks, pending.remote)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
+        self.loaded.discard(request.request_id)
         pending = self.saves.pop(request.request_id, None)
         if pending is None or not pending.issued:
             return False, None

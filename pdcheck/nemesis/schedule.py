@@ -6,7 +6,9 @@ in the history.
   pull meets a silent peer;
 - "decode": the batch's decode instance paused as the batch starts;
 - "abort": the client abandons the batch between the legs: decode never hears of it, and
-  prefill must still free what it holds for it (a point fault: inject and heal at once).
+  prefill must still free what it holds for it (a point fault: inject and heal at once);
+- "kill": the batch's prefill instance is killed (SIGKILL) between the legs, so decode's load
+  meets a dead peer; its deployment restarts it before its next batch (its heal).
 A pause lasts `seconds`; a timer thread heals it (SIGCONT) when its time is up, whatever the
 batch is doing; `heal_all` heals anything still injected (the final heal, also on failure).
 A request whose batch had a fault may end as a clean error (or a recompute, if the connector's
@@ -24,7 +26,7 @@ import threading
 import msgspec
 
 PAUSES = ("prefill", "decode")
-KINDS = (*PAUSES, "abort")
+KINDS = (*PAUSES, "abort")  # what `plan` draws from; "kill" is asked for by name
 
 
 class Planned(msgspec.Struct, frozen=True):
@@ -64,6 +66,11 @@ class Nemesis:
             for phase in ("inject", "heal"):
                 self.history.record("note", fault="abort", phase=phase, batch=batch, instance=prefill.name)
             return True
+        if fault.target == "kill":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(prefill.process.pid, signal.SIGKILL)
+            self.history.record("note", fault="kill", phase="inject", batch=batch, instance=prefill.name)
+            return False
         self.inject(prefill if fault.target == "prefill" else decode, fault)
         return False
 

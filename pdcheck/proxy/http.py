@@ -30,12 +30,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from pdcheck.config import BUILTIN_DEFAULTS
+from pdcheck.profiles import BUILTIN, REFERENCE_CLASS
 from pdcheck.pd import ACCOUNTING_KEYS
 from pdcheck.proxy.heartbeat import Heartbeat, Instances
 from pdcheck.proxy.policies import NoInstance, Policy
 
-REFERENCE_PREFILL_PARAMS = BUILTIN_DEFAULTS["P2PConnector"]["prefill_params"]
+REFERENCE_PREFILL_PARAMS = BUILTIN[REFERENCE_CLASS].prefill_params
 PREFILL_DROPPED = ("stream_options", "min_tokens")  # vLLM refuses these with stream false, max_tokens 1
 UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
 
