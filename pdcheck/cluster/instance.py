@@ -190,7 +190,10 @@ class Instance:
         """Run requests as one batch. If the worker does not answer in time, it is killed."""
         if not self.alive:
             return [GenResult(request_id=r.request_id, error=f"instance {self.name} is not running") for r in requests]
-        self.conn.send_bytes(self.encoder.encode(Generate(requests=requests, deadline_s=deadline_s)))
+        try:
+            self.conn.send_bytes(self.encoder.encode(Generate(requests=requests, deadline_s=deadline_s)))
+        except OSError:  # it died (killed by a fault) since it was last asked
+            return [GenResult(request_id=r.request_id, error=f"instance {self.name} is not running") for r in requests]
         message = self._receive(deadline_s + REPLY_GRACE_S)
         if isinstance(message, Results):
             return message.results
@@ -245,8 +248,9 @@ class Instance:
                 self.process.join(10)
             if self.process.is_alive():
                 self.process.kill()
-                self.process.join(10)
-            self.process.close()
+                self.process.join(30)  # a killed engine may take a while to release its memory
+            if not self.process.is_alive():
+                self.process.close()
             self.process = None
         if self.conn is not None:
             self.conn.close()

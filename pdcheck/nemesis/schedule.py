@@ -69,6 +69,7 @@ class Nemesis:
         if fault.target == "kill":
             with contextlib.suppress(ProcessLookupError):
                 os.kill(prefill.process.pid, signal.SIGKILL)
+            prefill.process.join(30)  # gone before decode's leg, so it is restarted before its next batch
             self.history.record("note", fault="kill", phase="inject", batch=batch, instance=prefill.name)
             return False
         self.inject(prefill if fault.target == "prefill" else decode, fault)
