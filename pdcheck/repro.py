@@ -12,6 +12,17 @@ import shlex
 from pdcheck.config import EngineSpec
 
 
+def connector_options(connector) -> list[str]:
+    """The options that give `connector` its settings where they differ from its profile's."""
+    parts = ["--profile", connector.profile_file] if connector.profile_file else []
+    extra = dict(connector.extra_config)
+    if extra != connector.profile.extra_config:
+        parts += ["--connector-config", json.dumps(extra, sort_keys=True)]
+    if connector.decode_prompt is not connector.profile.decode_prompt:
+        parts += ["--decode-prompt", connector.decode_prompt.value]
+    return parts
+
+
 def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[int], nemesis: int | None = None,
                    drain_s: float = 10.0, topology: tuple[int, int] = (1, 1)) -> str:
     """`lengths`: the prompt lengths sent, in order, ending with the failing request's. A
@@ -21,14 +32,7 @@ def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[i
              "--block-size", str(spec.block_size), "--max-model-len", str(spec.max_model_len),
              "--connector", connector.name, "--seed", str(seed), "--max-tokens", str(max_tokens),
              "--lengths", ",".join(map(str, lengths))]
-    profile = connector.profile
-    if connector.profile_file:
-        parts += ["--profile", connector.profile_file]
-    extra = dict(connector.extra_config)
-    if extra != profile.extra_config:
-        parts += ["--connector-config", json.dumps(extra, sort_keys=True)]
-    if connector.decode_prompt is not profile.decode_prompt:
-        parts += ["--decode-prompt", connector.decode_prompt.value]
+    parts += connector_options(connector)
     if tuple(topology) != (1, 1):
         parts += ["--topology", "{}P{}D".format(*topology)]
     if nemesis is not None:

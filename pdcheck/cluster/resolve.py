@@ -24,8 +24,7 @@ def lineage(connector) -> list[str]:
     if not have_vllm():
         return []
     if connector.name not in _known and "vllm" in sys.modules:
-        cls = worker.connector_class(connector)
-        _known[connector.name] = [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__]
+        _known[connector.name] = worker.lineage_of(worker.connector_class(connector))
     if connector.name not in _known:
         context = engine_context()
         receiver, sender = context.Pipe(duplex=False)

@@ -97,12 +97,16 @@ def connector_class(connector):
     return cls
 
 
+def lineage_of(cls) -> list[str]:
+    """A class's MRO as qualified names (`module.Class`), nearest first."""
+    return [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__]
+
+
 def report_lineage(conn, connector) -> None:
     """In a child of the engine forkserver: send the connector class's MRO as qualified names,
     or the BadInput message that says why it cannot be loaded."""
     try:
-        cls = connector_class(connector)
-        conn.send([f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__])
+        conn.send(lineage_of(connector_class(connector)))
     except BadInput as e:
         conn.send(str(e))
     finally:

@@ -14,6 +14,7 @@ from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import REFERENCE, EngineSpec
 from pdcheck.gate import Checked, check, leaks
 from pdcheck.nemesis.schedule import Nemesis, Planned
+from pdcheck.repro import connector_options
 from pdcheck.report import failure_line
 from pdcheck.workload.boundary import FIRST_ORDINARY_TOKEN
 
@@ -77,11 +78,7 @@ def replay_line(request, spec: EngineSpec) -> str:
     """The command that reruns this test with the same connector, config, profile, model and dtype."""
     connector = spec.connector
     parts = ["pdcheck", "test", "--connector", "reference" if connector.name == REFERENCE else connector.name]
-    if dict(connector.extra_config) != connector.profile.extra_config:
-        parts += ["--connector-config", json.dumps(dict(connector.extra_config), sort_keys=True)]
-    if connector.profile_file:
-        parts += ["--profile", connector.profile_file]
-    parts += ["--model", str(spec.model), "--dtype", spec.dtype, "--", "-k", request.node.name]
+    parts += connector_options(connector) + ["--model", str(spec.model), "--dtype", spec.dtype, "--", "-k", request.node.name]
     return "replay: " + shlex.join(parts)
 
 
