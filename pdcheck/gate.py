@@ -34,6 +34,7 @@ class Checked(msgspec.Struct):
     prompt_len: int
     verdict: Verdict
     external_tokens: int
+    local_tokens: int = 0  # prompt tokens decode found in its own prefix cache
     known_defect: str | None = None
     counted: str = ""  # the summary column: the outcome, or `known` for a known defect as recorded
     transfer: Transfer | None = None  # what the connector's transfer log says moved, if it keeps one
@@ -91,10 +92,10 @@ def check(
         results = by_request(batch, deployment.run(batch, index, deadline_s, between))
         transfers = deployment.transfers()
         for request, pd in results:
-            item = judge_one(spec, request, pd, expected[request.request_id], calibration, earlier, oracle)
+            before = earlier + [len(r.prompt) for r in batch if r.arrive_step < request.arrive_step]
+            item = judge_one(spec, request, pd, expected[request.request_id], calibration, before, oracle)
             item.transfer = transfers.get((pd.prefill.kv_transfer_params or {}).get("transfer_key"))
             item.faulted = bool(nemesis and nemesis.faulted(index))
-            earlier.append(len(request.prompt))
             history.record(completion_kind(item.verdict.outcome), config=spec.label, request_id=request.request_id,
                            verdict=item.verdict, external_tokens=item.external_tokens, known_defect=item.known_defect,
                            transfer=item.transfer, faulted=item.faulted, tokens=pd.result.token_ids,
@@ -102,6 +103,7 @@ def check(
             checked.append(item)
             if on_result:
                 on_result(item)
+        earlier += [len(r.prompt) for r in batch]  # within a batch, only an earlier arrival is before
     return calibration, checked
 
 
@@ -138,14 +140,14 @@ def judge_one(spec, request: GenRequest, pd: PDResult, expected, calibration: Ca
     """One request's verdict; with `oracle`, near-ties are judged past (see judge_after_ties)."""
     prompt_len = len(request.prompt)
     verdict = judge(expected, pd.result, calibration.rule, calibration.tolerance, pd.external_tokens,
-                    expected_external(spec, prompt_len))
+                    max(0, expected_external(spec, prompt_len) - pd.local_tokens))
     if oracle is not None:
         verdict = judge_after_ties(oracle, request, pd.result, verdict, calibration)
     defect = known_defect(spec.connector.lineage, prompt_len, spec.block_size, earlier)
     counted = "known" if defect and defect.shows(verdict) else verdict.outcome.value
     return Checked(
         config=spec.label, prompt_len=prompt_len, verdict=verdict, external_tokens=pd.external_tokens,
-        known_defect=defect.name if defect else None, counted=counted,
+        local_tokens=pd.local_tokens, known_defect=defect.name if defect else None, counted=counted,
     )
 
 

@@ -1,5 +1,10 @@
 """Defects the gate has found in connectors it does not own, recorded as expected failures.
 
+Two granularities. A KnownDefect is per request (the block-boundary workload, `pdcheck run`).
+A RecordedFailure is per battery test: a test of pdcheck/conformance/ the connector fails as a
+whole (a defect that takes down every request of a decode step, say), with a pattern its
+failure message must match; the battery reports it as a strict expected failure.
+
 Each entry names the connector class it applies to (a qualified name, matched against the
 resolved class's lineage, so a subclass inherits it and the string a user typed does not
 matter), the requests it hits, and its symptom: the outcome and a pattern its verdict's detail
@@ -78,3 +83,56 @@ def known_defect(lineage: tuple[str, ...], prompt_len: int, block_size: int, ear
     """The defect expected for a prompt of `prompt_len` after prompts of `earlier` lengths, on a
     connector whose class has this `lineage` (its MRO as qualified names)."""
     return next((d for d in KNOWN_DEFECTS if d.applies(lineage, prompt_len, block_size, earlier)), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedFailure:
+    """A battery test a connector class is recorded to fail, and the symptom it fails with."""
+
+    name: str
+    connector: str  # the qualified class name it applies to, and to its subclasses
+    test: str  # a regex the test's name must match (re.fullmatch)
+    symptom: str  # a regex its failure message must match (re.search)
+    summary: str
+
+    def applies(self, lineage: tuple[str, ...], test_name: str) -> bool:
+        return self.connector in lineage and re.fullmatch(self.test, test_name) is not None
+
+    def shows(self, message: str) -> bool:
+        return re.search(self.symptom, message) is not None
+
+
+EXAMPLE = "vllm/distributed/kv_transfer/kv_connector/v1/example_connector.py"  # vLLM 0.32, as lines below cite
+
+RECORDED_FAILURES = [
+    RecordedFailure(
+        name="example-connector-chunked-prefill",
+        connector=EXAMPLE_CLASS,
+        test=r"test_long_prompts_prefilled_in_chunks_match|test_requests_aborted_during_a_leg_end_as_errors_and_the_"
+             r"rest_match\[mid-prefill\]",
+        symptom=r"shape mismatch: value tensor of shape|: diverged",
+        summary=(
+            "ExampleConnector with chunked prefill: a request is saved only in the step it is first scheduled "
+            f"({EXAMPLE}:328-352), under the hash of align(L) tokens but with the slot mapping cut to the blocks "
+            "allocated so far (:50-59). A first chunk shorter than align(L) - block_size saves fewer rows than decode "
+            "loads (shape mismatch at :156); a longer one saves rows not yet computed, which decode loads as KV "
+            "(a silent divergence)"
+        ),
+    ),
+    RecordedFailure(
+        name="example-connector-resumed-request-hash",
+        connector=EXAMPLE_CLASS,
+        test=r"test_requests_preempted_on_decode_resume_with_the_oracles_tokens",
+        symptom=r"FileNotFoundError",
+        summary=(
+            "ExampleConnector after a decode preemption: the resumed request's load is built from all its tokens, "
+            f"generated ones included ({EXAMPLE}:355-376), so once it has generated past a block boundary the hash "
+            "names a file prefill never saved, and the load raises out of the engine step"
+        ),
+    ),
+]
+
+
+def recorded_failure(lineage: tuple[str, ...], test_name: str) -> RecordedFailure | None:
+    """The failure recorded for this battery test on a connector of this lineage, if any."""
+    return next((r for r in RECORDED_FAILURES if r.applies(lineage, test_name)), None)

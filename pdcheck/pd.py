@@ -18,11 +18,13 @@ from pdcheck.config import ConnectorSpec, DecodePrompt
 
 
 class PDResult(msgspec.Struct):
-    """A request's joined output; `external_tokens` is what decode loaded through the connector."""
+    """A request's joined output; `external_tokens` is what decode loaded through the connector,
+    `local_tokens` what it found in its own prefix cache."""
 
     result: GenResult
     external_tokens: int
     prefill: GenResult
+    local_tokens: int = 0
 
 
 def prefill_request(request: GenRequest, connector: ConnectorSpec, decode: Instance) -> GenRequest:
@@ -30,7 +32,12 @@ def prefill_request(request: GenRequest, connector: ConnectorSpec, decode: Insta
     filled = {k: v.format(decode_addr=f"127.0.0.1:{decode.port}") if isinstance(v, str) else v
               for k, v in connector.prefill_params}
     params = filled | (request.kv_transfer_params or {})
-    return msgspec.structs.replace(request, max_tokens=1, kv_transfer_params=params)
+    return msgspec.structs.replace(request, max_tokens=1, kv_transfer_params=params, **abort_on(request, "prefill"))
+
+
+def abort_on(request: GenRequest, leg: str) -> dict:
+    """The request's client abort, kept on the leg it is planned for and dropped from the other."""
+    return {} if request.abort_leg == leg else {"abort_step": None}
 
 
 # vLLM's prefill scheduler adds this accounting field; on decode it would replace decode's own
@@ -46,7 +53,8 @@ def decode_request(request: GenRequest, prefilled: GenResult, connector: Connect
         params = {k: v for k, v in params.items() if k not in ACCOUNTING_KEYS}
     if connector.decode_prompt is DecodePrompt.WITH_FIRST_TOKEN:
         prompt, max_tokens = prompt + prefilled.token_ids[:1], max_tokens - 1
-    return msgspec.structs.replace(request, prompt=prompt, max_tokens=max_tokens, kv_transfer_params=params)
+    return msgspec.structs.replace(request, prompt=prompt, max_tokens=max_tokens, kv_transfer_params=params,
+                                   **abort_on(request, "decode"))
 
 
 def join(prefilled: GenResult, decoded: GenResult, connector: ConnectorSpec) -> GenResult:
@@ -78,5 +86,6 @@ def run_pd(
     for p in prefilled:
         d = by_id.get(p.request_id)
         joined = p if d is None else join(p, d, connector)
-        results.append(PDResult(result=joined, external_tokens=d.num_cached_tokens if d else 0, prefill=p))
+        results.append(PDResult(result=joined, external_tokens=d.external_tokens if d else 0, prefill=p,
+                                local_tokens=d.local_cached_tokens if d else 0))
     return results

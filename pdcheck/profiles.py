@@ -140,6 +140,9 @@ BUILTIN: dict[str, Profile] = {
     NIXL_CLASS: Profile(
         connector=NIXL_CLASS,
         kv_buffer_device="cpu",
+        # one UCX worker thread, not vLLM's default 4: each polls without sleeping, and four per
+        # engine starve the engines themselves on a machine of a few cores
+        extra_config={"num_threads": 1},
         kv_role_prefill="kv_producer",  # kv_both is deprecated for it
         kv_role_decode="kv_consumer",
         instance_env={"VLLM_NIXL_SIDE_CHANNEL_PORT": "{free_port}"},

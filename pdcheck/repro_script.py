@@ -30,7 +30,8 @@ def write_model(folder, config, seed, make_weights):
     save_file(make_weights(config, seed), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
-def engine_main(conn, model, engine, kv_config):
+def engine_main(conn, model, engine, kv_config, env):
+    os.environ.update(env)  # the connector's per-instance settings, read when the engine is built
     from vllm import EngineArgs, LLMEngine, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -55,11 +56,11 @@ def engine_main(conn, model, engine, kv_config):
 
 
 class Engine:
-    def __init__(self, name, model, engine, kv_config):
+    def __init__(self, name, model, engine, kv_config, env=None):
         self.name = name
         self.conn, child = multiprocessing.get_context("spawn").Pipe()
         self.process = multiprocessing.get_context("spawn").Process(
-            target=engine_main, args=(child, model, engine, kv_config), daemon=True)
+            target=engine_main, args=(child, model, engine, kv_config, env or {}), daemon=True)
         self.process.start()
 
     def wait_ready(self, timeout_s=300):
@@ -92,6 +93,11 @@ def filled(value, **names):
     return value
 
 
+def instance_env(params):
+    """The connector's per-instance environment, each `{free_port}` a port of this instance's own."""
+    return {k: v.replace("{free_port}", str(free_port())) for k, v in params["instance_env"].items()}
+
+
 def pd_leg(prefill, decode, i, prompt, max_tokens, params):
     """Prefill with max_tokens=1, then decode with what prefill returned (and, for connectors
     that expect it, the prompt plus prefill's first token)."""
@@ -118,8 +124,10 @@ def main(params, make_weights):
         prefill_port, decode_port = free_port(), free_port()
         kv = params["kv_transfer_config"]
         baseline = Engine("baseline", model, params["engine"], None)
-        prefill = Engine("prefill", model, params["engine"], filled(kv, run_dir=work, port=prefill_port))
-        decode = Engine("decode", model, params["engine"], filled(kv, run_dir=work, port=decode_port))
+        prefill = Engine("prefill", model, params["engine"], filled(kv["prefill"], run_dir=work, port=prefill_port),
+                         instance_env(params))
+        decode = Engine("decode", model, params["engine"], filled(kv["decode"], run_dir=work, port=decode_port),
+                        instance_env(params))
         engines = [baseline, prefill, decode]
         for engine in engines:
             engine.wait_ready()

@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 
 from pdcheck.cluster.messages import GenRequest
-from pdcheck.config import FIXTURES, ConnectorSpec, DecodePrompt, EngineSpec, model_path
+from pdcheck.config import FIXTURES, ConnectorSpec, DecodePrompt, EngineSpec, Role, model_path
 from pdcheck.errors import BadInput
 from pdcheck.profiles import Profile
 from pdcheck.nemesis.schedule import Planned
@@ -193,7 +193,9 @@ def export(repro: Repro, path: Path) -> Path:
         "config": config, "seed": seed, "recorded": f"{repro.outcome}: {repro.detail}",
         "engine": {"dtype": spec.dtype, "block_size": spec.block_size, "max_model_len": spec.max_model_len,
                    "prefix_caching": spec.prefix_caching, "num_blocks": spec.num_blocks},
-        "kv_transfer_config": connector.kv_transfer_config("{run_dir}", "{port}"),
+        "kv_transfer_config": {role.value: connector.kv_transfer_config("{run_dir}", "{port}", role)
+                               for role in (Role.PREFILL, Role.DECODE)},
+        "instance_env": dict(connector.profile.instance_env),
         "prefill_params": dict(connector.prefill_params), "decode_prompt": connector.decode_prompt.value,
         "requests": [[r.prompt, r.max_tokens] for r in repro.requests],
     }

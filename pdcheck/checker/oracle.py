@@ -20,6 +20,11 @@ TOLERANCE_SCALE = 8.0
 TOLERANCE_FLOOR = 1e-6
 
 
+def unaborted(request: GenRequest) -> GenRequest:
+    """What the oracle runs: the request as if its client had waited for the answer."""
+    return msgspec.structs.replace(request, abort_step=None, abort_leg=None)
+
+
 class Calibration(msgspec.Struct, frozen=True):
     rule: Rule
     tolerance: float
@@ -40,7 +45,7 @@ class Oracle:
 
     def results(self, requests: list[GenRequest]) -> list[GenResult]:
         """The oracle's output for each request (under each request's own id)."""
-        missing = {self.key(r): r for r in requests if self.key(r) not in self.cache}
+        missing = {self.key(r): unaborted(r) for r in requests if self.key(r) not in self.cache}
         if missing:
             for request, result in zip(missing.values(), self.instance.generate(list(missing.values()), self.deadline_s)):
                 self.cache[self.key(request)] = result
@@ -54,7 +59,7 @@ class Oracle:
 
     def calibrate(self, requests: list[GenRequest]) -> Calibration:
         batched = self.results(requests)
-        alone = [self.instance.generate([r], self.deadline_s)[0] for r in reversed(requests)][::-1]
+        alone = [self.instance.generate([unaborted(r)], self.deadline_s)[0] for r in reversed(requests)][::-1]
         token_mismatch = sum(first_divergence(a.token_ids, b.token_ids) is not None for a, b in zip(batched, alone))
         diffs = [abs(x - y) for a, b in zip(batched, alone) for x, y in zip(a.logprobs, b.logprobs)]
         self_diff = max(diffs, default=0.0)

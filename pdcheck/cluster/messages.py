@@ -16,13 +16,16 @@ class GenRequest(msgspec.Struct, frozen=True):
     num_logprobs: int = 5
     kv_transfer_params: dict[str, Any] | None = None
     arrive_step: int = 0  # added to the engine at its n-th step of the batch (staggered arrivals)
+    abort_step: int | None = None  # aborted by its client before the engine's n-th step of the batch
+    abort_leg: str | None = None  # through PD: the leg ("prefill" or "decode") `abort_step` applies to
 
 
 class GenResult(msgspec.Struct):
     """What one request produced on one instance (or on the PD pair, once joined).
 
-    `num_cached_tokens` is vLLM's count of prompt tokens not computed locally; on an engine
-    with prefix caching off it is exactly the tokens loaded through the connector.
+    `num_cached_tokens` is vLLM's count of prompt tokens not computed: those found in the local
+    prefix cache (`local_cached_tokens`, known in-process only) plus those loaded through the
+    connector (`external_tokens`).
     """
 
     request_id: str
@@ -30,10 +33,15 @@ class GenResult(msgspec.Struct):
     logprobs: list[float] = []
     top_logprobs: list[dict[int, float]] = []
     num_cached_tokens: int = 0
+    local_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None
     error: str | None = None
     hung: bool = False
     cached_tokens_reported: bool = True  # False where a server's answer does not say (HTTP without it)
+
+    @property
+    def external_tokens(self) -> int:
+        return self.num_cached_tokens - self.local_cached_tokens
 
     @property
     def ok(self) -> bool:

@@ -26,9 +26,14 @@ class DeploymentPool:
         self.memo: dict[tuple, object] = {}
         self.count = 0
 
+    @staticmethod
+    def key(spec: EngineSpec, decode_spec: EngineSpec | None, num_prefill: int, num_decode: int) -> tuple:
+        """A deployment's settings; decode's are given only where they differ from prefill's."""
+        return spec, (None if decode_spec == spec else decode_spec), num_prefill, num_decode
+
     def get(self, spec: EngineSpec, decode_spec: EngineSpec | None = None, num_prefill: int = 1,
             num_decode: int = 1) -> tuple[Deployment, Oracle]:
-        key = (spec, decode_spec, num_prefill, num_decode)
+        key = self.key(spec, decode_spec, num_prefill, num_decode)
         if key in self.alive:
             self.alive.move_to_end(key)
             return self.alive[key]
@@ -53,7 +58,7 @@ class DeploymentPool:
     def prefetch(self, spec: EngineSpec, decode_spec: EngineSpec | None = None, num_prefill: int = 1,
                  num_decode: int = 1) -> None:
         """Start a deployment a coming test will ask for, so its start overlaps this test's work."""
-        key = (spec, decode_spec, num_prefill, num_decode)
+        key = self.key(spec, decode_spec, num_prefill, num_decode)
         if key not in self.alive and key not in self.starting and not self.starting:
             self.starting[key] = self.launch(*key)
 

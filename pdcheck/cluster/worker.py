@@ -27,6 +27,7 @@ from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput
 
 PR_SET_PDEATHSIG = 1
+ABORTED = "aborted by the client"
 
 
 def main(conn, lifeline, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str, port: int, role: Role,
@@ -40,6 +41,7 @@ def main(conn, lifeline, spec: EngineSpec, folder: str, cpus: list[int], run_dir
     try:
         started = time.monotonic()
         engine = build_engine(spec, Path(run_dir), port, role)
+        record_prompt_sources(engine)
         conn.send_bytes(encoder.encode(Ready(pid=os.getpid(), start_s=time.monotonic() - started)))
     except BadInput as e:
         conn.send_bytes(encoder.encode(Failed(message=str(e), bad_input=True)))
@@ -131,6 +133,27 @@ def build_engine(spec: EngineSpec, run_dir: Path, port: int, role: Role):
     return LLMEngine.from_engine_args(args)
 
 
+LOCAL_HITS: dict[str, int] = {}  # request id -> prompt tokens found in the local prefix cache
+
+
+def record_prompt_sources(engine) -> None:
+    """Keep, per request, the prompt tokens its first scheduling found in the local prefix
+    cache: vLLM's scheduler reports them apart from the tokens loaded through the connector
+    (its PrefillStats, the source of the vllm:prompt_tokens_by_source metric), but the
+    request's output carries only their sum (num_cached_tokens)."""
+    processor = engine.output_processor
+    process = processor.process_outputs
+
+    def recording(outputs, *args, **kwargs):
+        for out in outputs:
+            state = processor.request_states.get(out.request_id)
+            if out.prefill_stats is not None and state is not None:
+                LOCAL_HITS[state.external_req_id] = out.prefill_stats.num_local_cached_tokens
+        return process(outputs, *args, **kwargs)
+
+    processor.process_outputs = recording
+
+
 def serve(conn, engine, encoder) -> None:
     decoder = msgspec.msgpack.Decoder(ToWorker)
     while True:
@@ -201,6 +224,11 @@ def run_batch(engine, requests: list[GenRequest], deadline: float) -> list[GenRe
         while pending and time.monotonic() < deadline:
             while arriving and arriving[0].arrive_step <= step:
                 add_request(engine, arriving.pop(0), results, pending)
+            for r in requests:
+                if r.abort_step == step and r.request_id in pending:
+                    engine.abort_request([r.request_id])
+                    results[r.request_id] = GenResult(request_id=r.request_id, error=f"{ABORTED} at step {step}")
+                    pending.discard(r.request_id)
             step += 1
             for out in engine.step():
                 if out.finished and out.request_id in pending:
@@ -235,6 +263,7 @@ def to_result(out) -> GenResult:
         logprobs=[step[tok].logprob for tok, step in zip(completion.token_ids, steps)],
         top_logprobs=[{tok: lp.logprob for tok, lp in step.items()} for step in steps],
         num_cached_tokens=out.num_cached_tokens or 0,
+        local_cached_tokens=LOCAL_HITS.pop(out.request_id, 0),
         kv_transfer_params=out.kv_transfer_params,
         error=None if completion.finish_reason in ("length", "stop") else f"finish_reason={completion.finish_reason}",
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pdcheck.config import ConnectorSpec, EngineSpec
+from pdcheck.known_defects import recorded_failure
 from pdcheck.plugin import connector_under_test, engine_specs
 from pdcheck.profiles import FailureClass, Profile
 
@@ -33,3 +34,25 @@ def applies(request, profile):
     reason = failure_class and profile.skip_reason(failure_class)
     if reason:
         pytest.skip(f"{failure_class.value} does not apply to {profile.connector}: {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test the connector's class is recorded to fail (pdcheck/known_defects.py) is a strict
+    expected failure: failing with the recorded symptom, it is reported xfailed; failing
+    otherwise, failed; passing, failed as a recorded defect that no longer shows."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or report.skipped:
+        return
+    recorded = recorded_failure(tuple(connector_under_test(item.config).lineage), item.name)
+    if recorded is None:
+        return
+    if report.passed:
+        report.outcome = "failed"
+        report.longrepr = f"[XPASS(strict)] recorded defect {recorded.name} no longer shows: {recorded.summary}"
+    elif recorded.shows(str(report.longrepr)):
+        report.outcome, report.wasxfail = "skipped", f"recorded defect {recorded.name}: {recorded.summary}"
+    else:
+        report.sections.append(("recorded defect", f"{recorded.name} was expected, with a failure matching "
+                                                   f"{recorded.symptom!r}; this failure does not match it"))

@@ -39,4 +39,4 @@ def test_long_prompts_prefilled_in_chunks_match(spec, pd_pool, pd_history, pd_ru
     long = dataclasses.replace(spec, model=model, max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=CHUNK)
     decode = dataclasses.replace(long, max_num_batched_tokens=None)
     result = run(pd_pool, pd_history, long, prompts(long, LENGTHS, "long"), concurrency=2, decode_spec=decode)
-    assert not verdict(result, request, long), verdict(result, request, long)
+    assert not verdict(result, request, spec), verdict(result, request, spec)

@@ -54,6 +54,7 @@ LATE_READ = f"{MUTANTS_SUITE}::test_send_reading_blocks_freed_before_it_is_caugh
 CONTROLS = "suites/test_negative_controls.py"
 ROUTING = "suites/test_uneven_polling.py"
 PROTOCOL = "suites/test_protocol_model.py::test_protocol_mutant_is_caught_by_the_state_machine"
+BATTERY = "suites/test_battery_controls.py::test_mutant_under_test_is_caught_by_its_failure_class"
 
 CATALOGUE: tuple[Entry, ...] = (
     Entry("DeferredExtraction", "repeated identical prompts give garbage", "#22965, #23403",
@@ -93,6 +94,24 @@ CATALOGUE: tuple[Entry, ...] = (
           "KV damaged on its way into decode's cache (the CPU face of a racing receive buffer)",
           f"{CONNECTOR}:CorruptOnLoad",
           f"{MUTANTS_SUITE}::test_kv_damaged_on_its_way_into_decode_is_caught_as_divergence[CorruptOnLoad]"),
+    Entry("IgnoreLocalHit", "decode-side prefix hits", "#52617",
+          "decode's prefix-cache hit ignored: the blocks after it get prefill's blocks from the start",
+          f"{CONNECTOR}:IgnoreLocalHit", f"{BATTERY}[ignore-local-hit]"),
+    Entry("HoldAbortedPrefill", "leaks on abort", "#46283",
+          "a prompt aborted mid-prefill is held as if its KV were being sent: its blocks are never freed",
+          f"{CONNECTOR}:HoldAbortedPrefill", f"{BATTERY}[hold-aborted-prefill]"),
+    Entry("PartialLoad", "silent fallback", "#26896, #42703",
+          "the prompt's last block is left for decode to recompute: right tokens, part of the transfer untested",
+          f"{CONNECTOR}:PartialLoad", f"{BATTERY}[partial-load]"),
+    Entry("NixlCrossedLoads", "KV to the wrong request in a shared step", "",
+          "NixlConnector: two requests loaded in one decode step get each other's local blocks",
+          "pdcheck.mutants.nixl:NixlCrossedLoads", f"{BATTERY}[nixl-crossed-loads]"),
+    Entry("NixlNoLease", "leaks on abort", "#46283",
+          "NixlConnector whose lease on unclaimed KV never runs out: an abandoned request's blocks stay held",
+          "pdcheck.mutants.nixl:NixlNoLease", f"{BATTERY}[nixl-no-lease]"),
+    Entry("CrossedLoadsConnector", "KV to the wrong request in a shared step", "",
+          "ExampleConnector: two requests loaded in one decode step get each other's slots",
+          "pdcheck.mutants.controls:CrossedLoadsConnector", f"{BATTERY}[example-crossed-loads]"),
     Entry("guessed_extract", "layout misread", "#23536",
           "KV layout guessed from the shape: a 2-block FlashAttention cache read as FlashInfer",
           "pdcheck.mutants.layouts:guessed_extract",
@@ -146,7 +165,9 @@ NOT_MUTANTS = frozenset({
     "EngineLocalKeyScheduler", "SkipMissingWorker", "CorruptOnLoadWorker", "LiveReadWorker", "LiveRead",
     "DeferredExtractionWorker", "FreeBeforeSendWorker", "DropFirstPushWorker", "DropFirstPush",
     "NoReceiveDeadlineWorker", "MutantPeer", "MUTANTS", "PromptKeyScheduler", "UnboundedFetchWorker",
-    "KeepUnpulledWorker", "FOREVER_S",
+    "KeepUnpulledWorker", "FOREVER_S", "IgnoreLocalHitScheduler",
+    "HoldAbortedPrefillScheduler",
+    "PartialLoadScheduler",
 })
 
 

@@ -16,6 +16,7 @@ import time
 
 import hashlib
 
+import msgspec
 import torch
 
 from pdcheck.connector.config import Mode
@@ -221,3 +222,51 @@ class KeepUnpulled(P2PConnector):
     request fits."""
 
     worker_class = KeepUnpulledWorker
+
+
+class IgnoreLocalHitScheduler(SchedulerHalf):
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        super().update_state_after_alloc(request, blocks, num_external_tokens)
+        entry = self.loads.get(request.request_id)
+        if entry is not None:
+            # BUG: prefill's blocks are read from the start, whatever decode had cached
+            self.loads[request.request_id] = msgspec.structs.replace(entry, first_block=0)
+
+
+class IgnoreLocalHit(P2PConnector):
+    """Loads KV as if decode had no prefix hit: with the prompt's first blocks in decode's own
+    cache, the rest of its blocks get prefill's blocks from the start of the prompt, not from
+    after the hit (the class of a connector that takes num_computed_tokens as zero)."""
+
+    scheduler_class = IgnoreLocalHitScheduler
+
+
+class HoldAbortedPrefillScheduler(SchedulerHalf):
+    def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
+        pending = self.saves.get(request.request_id)
+        held, params = super().request_finished(request, block_ids)
+        if pending is not None and not pending.issued:  # a prompt that ended before it was saved: aborted
+            self.delayed.add(request.request_id)
+            return True, None  # BUG: its blocks wait for a send that was never issued
+        return held, params
+
+
+class HoldAbortedPrefill(P2PConnector):
+    """An abort mid-prefill treated as a finished prefill (the class of vLLM #46283, an abort
+    path that skips the free): the request's blocks wait for a send that never comes."""
+
+    scheduler_class = HoldAbortedPrefillScheduler
+
+
+class PartialLoadScheduler(SchedulerHalf):
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        count, load_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
+        return max(0, count - self.block_size), load_async  # BUG: the last block is left for decode to compute
+
+
+class PartialLoad(P2PConnector):
+    """Loads all of a prompt's KV but its last block and lets decode recompute that (the class of
+    vLLM's silent fallbacks, #26896 and #42703, in part): the tokens are right, the transfer of
+    the last block never tested, and decode does work PD was meant to save."""
+
+    scheduler_class = PartialLoadScheduler

@@ -6,6 +6,9 @@ Each wraps vLLM's ExampleConnector on the decode side:
   element. The target is the request whose prompt starts with `target_prefix` (token ids).
 - LoadNothingConnector reports no external hit, so decode recomputes everything: outputs
   still match, but nothing was transferred (a silent fallback).
+- CrossedLoadsConnector: of two requests loaded in one decode step with as many tokens, each
+  gets the other's slots, so each request's KV is written into the other's cache (KV to the
+  wrong request in a shared step).
 - NeverReleaseConnector (a reference-connector variant) never frees prefill's blocks.
 """
 
@@ -50,6 +53,16 @@ class PerturbBlockConnector(ExampleConnector):
 class LoadNothingConnector(ExampleConnector):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         return 0, False
+
+
+class CrossedLoadsConnector(ExampleConnector):
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        loads = [r for r in self._get_connector_metadata().requests if not r.is_store]
+        for first, second in zip(loads, loads[1:]):
+            if len(first.slot_mapping) == len(second.slot_mapping):
+                first.slot_mapping, second.slot_mapping = second.slot_mapping, first.slot_mapping  # BUG: crossed
+                break
+        super().start_load_kv(forward_context, **kwargs)
 
 
 class NeverReleaseConnector(P2PConnector):
