@@ -16,25 +16,25 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.vllm
-QUICK = pytest.param  # cases the default gate runs
+QUICK = pytest.param  # cases the default gate runs: one per class its own suites/ tests do not catch a mutant of
 NIXL = lambda *values, **kw: pytest.param(*values, marks=pytest.mark.skipif(  # noqa: E731
     importlib.util.find_spec("nixl") is None, reason="nixl is not installed (pip install 'pdcheck[nixl]')"), **kw)
 SLOW = lambda *values, **kw: pytest.param(*values, marks=pytest.mark.slow, **kw)  # noqa: E731
 
 CASES = [
     QUICK("pdcheck.mutants.connector:CorruptOnLoad", "in_one_decode_step", "diverged", id="corrupt-on-load"),
-    QUICK("pdcheck.mutants.connector:PromptKeys", "repeated and concurrent", "error", id="prompt-keys"),
-    QUICK("pdcheck.mutants.connector:KeepUnpulled", "abandoned", "leak", id="keep-unpulled"),
+    SLOW("pdcheck.mutants.connector:PromptKeys", "repeated and concurrent", "error", id="prompt-keys"),
+    SLOW("pdcheck.mutants.connector:KeepUnpulled", "abandoned", "leak", id="keep-unpulled"),
     QUICK("pdcheck.mutants.connector:IgnoreLocalHit", "sharing_cached_blocks", "diverged", id="ignore-local-hit"),
     QUICK("pdcheck.mutants.connector:HoldAbortedPrefill", "mid-prefill", "leak", id="hold-aborted-prefill"),
-    QUICK("pdcheck.mutants.connector:PartialLoad", "equivalence and tiny-llama-bfloat16-len65", "partial",
-          id="partial-load"),
-    QUICK("pdcheck.mutants.controls:CrossedLoadsConnector", "in_one_decode_step", "diverged",
-          id="example-crossed-loads"),
+    SLOW("pdcheck.mutants.connector:PartialLoad", "equivalence and tiny-llama-bfloat16-len65", "partial",
+         id="partial-load"),
+    SLOW("pdcheck.mutants.controls:CrossedLoadsConnector", "in_one_decode_step", "diverged",
+         id="example-crossed-loads"),
     NIXL("pdcheck.mutants.nixl:NixlCrossedLoads", "in_one_decode_step", "diverged", id="nixl-crossed-loads"),
     NIXL("pdcheck.mutants.nixl:NixlNoLease", "abandoned", "leak", id="nixl-no-lease"),
-    QUICK("pdcheck.mutants.controls:LoadNothingConnector", "equivalence and tiny-llama-float32-len65", "fallback",
-          id="load-nothing"),
+    SLOW("pdcheck.mutants.controls:LoadNothingConnector", "equivalence and tiny-llama-float32-len65", "fallback",
+         id="load-nothing"),
     SLOW("pdcheck.mutants.connector:SkipMissingKV", "prefill-killed", "diverged", id="skip-missing-kv"),
     SLOW("pdcheck.mutants.connector:NoPullDeadline", "prefill-killed", "hang", id="no-pull-deadline"),
     SLOW("pdcheck.mutants.connector:EngineLocalKeys", "in_one_decode_step", "error", id="engine-local-keys"),
