@@ -243,6 +243,8 @@ def run_batch(engine, requests: list[GenRequest], deadline: float) -> list[GenRe
         engine.abort_request(sorted(pending))
         for rid in pending:
             results[rid] = GenResult(request_id=rid, hung=True, error="deadline passed")
+    for r in requests:  # an aborted request's stats were never taken by a result
+        LOCAL_HITS.pop(r.request_id, None)
     return [results[r.request_id] for r in requests]
 
 
