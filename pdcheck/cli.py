@@ -160,6 +160,10 @@ def engine_specs(args) -> list[EngineSpec]:
 
 
 def serve_spec(args) -> EngineSpec:
+    try:  # the connector writes there from its first request: a folder that cannot be made fails now
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"--run-dir {args.run_dir}: cannot be made ({e.strerror})") from None
     if args.role != "single" and not (args.proxy and args.kv_port):
         raise BadInput(f"--role {args.role} needs --proxy (the proxy's heartbeat address) and --kv-port")
     if args.role != "single":

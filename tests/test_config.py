@@ -68,3 +68,18 @@ def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice():
     ports = [free_port() for _ in range(500)]
     assert len(set(ports)) == len(ports)
     assert all(1024 <= p < ephemeral_low() for p in ports)
+
+
+def test_serve_makes_its_run_folder_or_refuses_one_that_cannot_be_made(tmp_path, capsys):
+    """A run folder that does not exist is made before the server starts (the connector writes
+    its transfer log there from the first request); one that cannot be made is exit 2."""
+    from pdcheck.cli import build_parser, main, serve_spec
+
+    single = ["serve", "--role", "single", "--model", "tiny-llama", "--port", "1", "--run-dir"]
+    folder = tmp_path / "new" / "run"
+    serve_spec(build_parser().parse_args([*single, str(folder)]))
+    assert folder.is_dir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([*single, str(blocker / "run")]) == 2
+    assert f"--run-dir {blocker / 'run'}: cannot be made" in capsys.readouterr().err
