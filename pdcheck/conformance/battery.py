@@ -11,7 +11,7 @@ import shlex
 
 from pdcheck.checker.compare import Outcome
 from pdcheck.cluster.messages import GenRequest
-from pdcheck.config import REFERENCE, EngineSpec
+from pdcheck.config import EngineSpec
 from pdcheck.gate import Checked, check, leaks
 from pdcheck.nemesis.schedule import Nemesis, Planned
 from pdcheck.repro import connector_options
@@ -77,7 +77,7 @@ def loaded_fully(run: Run, spec: EngineSpec) -> list[Checked]:
 def replay_line(request, spec: EngineSpec) -> str:
     """The command that reruns this test with the same connector, config, profile, model and dtype."""
     connector = spec.connector
-    parts = ["pdcheck", "test", "--connector", "reference" if connector.name == REFERENCE else connector.name]
+    parts = ["pdcheck", "test", "--connector", connector.name]
     parts += connector_options(connector) + ["--model", str(spec.model), "--dtype", spec.dtype, "--", "-k", request.node.name]
     return "replay: " + shlex.join(parts)
 

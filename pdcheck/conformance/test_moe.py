@@ -23,9 +23,7 @@ EDGE_LENGTHS = [31, 32, 33, 63, 64, 65]
 @pytest.mark.vllm
 @pytest.mark.parametrize("variant", ["one-expert", "top8", pytest.param("top1", marks=pytest.mark.slow)])
 def test_routing_variant_matches_at_tile_and_block_edges(variant, spec, pd_pool, pd_history, pd_run_dir, request):
-    folder = pd_run_dir / "models" / f"tiny-qwen3-moe-{variant}"
-    model = folder if (folder / "config.json").exists() else make_variant(VARIANTS[variant], pd_run_dir / "models")
-    moe = dataclasses.replace(spec, model=model)
+    moe = dataclasses.replace(spec, model=make_variant(VARIANTS[variant], pd_run_dir / "models"))
     requests = [r for r in boundary_workload(moe, SEED, MAX_TOKENS) if len(r.prompt) in EDGE_LENGTHS]
     result = run(pd_pool, pd_history, moe, requests)
     assert not verdict(result, request, spec), verdict(result, request, spec)
