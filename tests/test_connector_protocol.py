@@ -226,6 +226,59 @@ def test_worker_halves_move_a_request_and_refuse_kv_that_does_not_fit():
         decode.close()
 
 
+def decode_request(request_id: str, key: str, address: str, prompt_len: int = 9):
+    """A decode leg as the scheduler half reads it (attributes only)."""
+    from types import SimpleNamespace
+
+    params = {"do_remote_prefill": True, "transfer_key": key, "remote_prefill": address}
+    blocks = SimpleNamespace(get_block_ids=lambda: ([int(request_id[-1]) * 3, int(request_id[-1]) * 3 + 1],))
+    return SimpleNamespace(request_id=request_id, kv_transfer_params=params, prompt_token_ids=[7] * prompt_len,
+                           blocks=blocks)
+
+
+@pytest.mark.parametrize("scheduler", ["SchedulerHalf", "PullPerChildScheduler"])
+def test_children_of_an_n_gt_1_request_share_one_pull_and_a_late_child_recomputes(scheduler):
+    """Two children carrying one transfer key in a step: both load prefill's KV, pulled once (the
+    catalogued mutant, pulling per child, is refused the second pull). A child in a later step
+    recomputes instead of asking for a key prefill has let go of."""
+    from types import SimpleNamespace
+
+    from pdcheck.connector import scheduler as halves
+    from pdcheck.connector.worker import SaveEntry
+    from pdcheck.mutants import connector as mutants
+
+    half_class = getattr(halves, scheduler, None) or getattr(mutants, scheduler)
+    prefill, decode = worker_half(), worker_half()
+    try:
+        src = {f"layer{i}": torch.randn(6, 2, 4, 8) for i in range(2)}
+        dst = {name: torch.zeros(9, 2, 4, 8) for name in src}
+        for name, cache in src.items():
+            prefill.record_layer(name, cache)
+        prefill.save([SaveEntry("prefill-req", "key", [1, 4])])
+        half = half_class(decode.config, block_size=4)
+        children = [decode_request(f"child{i}", "key", prefill.config.address) for i in (0, 1)]
+        for child in children:
+            assert half.get_num_new_matched_tokens(child, 0) == (8, False)
+            half.update_state_after_alloc(child, child.blocks, 8)
+        output = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
+                                 scheduled_cached_reqs=SimpleNamespace(req_ids=[]))
+        _, loads = half.build_connector_meta(output)
+        decode.load(loads, dst)
+        errors = decode.take_load_errors()
+        if scheduler == "PullPerChildScheduler":
+            assert errors == {3, 4}  # the second child's blocks
+            return
+        assert errors == set()
+        for name in src:
+            for first in (0, 3):
+                assert torch.equal(dst[name][first], src[name][1]) and torch.equal(dst[name][first + 1], src[name][4])
+        late = decode_request("child2", "key", prefill.config.address)
+        assert half.get_num_new_matched_tokens(late, 0) == (0, False)
+    finally:
+        prefill.close()
+        decode.close()
+
+
 @pytest.mark.parametrize("remote", [None, "decode-without-a-port", "127.0.0.1:http"])
 def test_a_push_to_a_peer_address_that_is_not_host_port_fails_cleanly_and_frees_the_request(remote, caplog):
     """Transfer parameters without a usable decode address (a proxy or connector bug) must not

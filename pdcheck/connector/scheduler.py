@@ -9,11 +9,18 @@ Transfer parameters (`kv_transfer_params`):
 - decode leg in: what prefill returned.
 The transfer key is a fresh uuid per prefill request (or one the caller put in the params),
 never an engine-local request id, so identical prompts never share a key.
+
+Prefill serves a key once. Decode's children of an n>1 request all carry their parent's
+transfer parameters, so one key: children scheduled in the same step share one pull (the first
+pulls, the others copy it); a request whose key this instance already pulled in an earlier step
+(a late child, or parameters replayed) recomputes its prompt rather than pull a key prefill has
+let go of.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import uuid
 
 import msgspec
@@ -38,6 +45,7 @@ class SchedulerHalf:
         self.local_hits: dict[str, int] = {}
         self.delayed: set[str] = set()  # finished requests whose blocks wait for their send
         self.loaded: set[str] = set()  # decode requests whose KV was loaded: a transfer is pulled once
+        self.pulled: dict[str, float] = {}  # transfer key -> when this instance pulled it (kept for hold_s)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params or {}
@@ -47,8 +55,9 @@ class SchedulerHalf:
         if params.get("do_remote_decode") and prompt_len > 1 and request.request_id not in self.saves:
             key = self.new_transfer_key(request)
             self.saves[request.request_id] = PendingSave(key, prompt_len, params.get("remote_decode"))
-        if not params.get("do_remote_prefill") or request.request_id in self.loaded:
-            # a request resumed after preemption recomputes: its KV was consumed by its first load
+        if not params.get("do_remote_prefill") or request.request_id in self.loaded or self.was_pulled(params):
+            # a request resumed after preemption, or whose key an earlier step pulled, recomputes:
+            # prefill served that KV once
             return 0, False
         self.local_hits[request.request_id] = num_computed_tokens
         # decode computes the last prompt token itself, so it has logits to sample from
@@ -58,6 +67,12 @@ class SchedulerHalf:
         """A key for a prefill request's KV: the caller's, or a fresh uuid (never an id local to
         this engine, which vLLM randomizes per instance)."""
         return (request.kv_transfer_params or {}).get("transfer_key") or uuid.uuid4().hex
+
+    def was_pulled(self, params: dict) -> bool:
+        """True if an earlier step of this instance pulled the key these parameters name."""
+        expired = time.monotonic() - self.config.hold_s  # prefill has let go of it by now anyway
+        self.pulled = {key: at for key, at in self.pulled.items() if at > expired}
+        return params.get("transfer_key") in self.pulled
 
     def load_key(self, request) -> str:
         """The key decode loads by: the one prefill returned in the transfer parameters."""
@@ -78,7 +93,7 @@ class SchedulerHalf:
 
     def build_connector_meta(self, scheduler_output) -> tuple[list[SaveEntry], list[LoadEntry]]:
         """This step's saves (prompts it completes) and loads (allocated since the last step)."""
-        loads, self.loads = list(self.loads.values()), {}
+        loads, self.loads = self.share_pulls(list(self.loads.values())), {}
         progress = [(new.req_id, new.block_ids[0], new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -86,6 +101,16 @@ class SchedulerHalf:
             progress.append((req_id, new_blocks[0] if new_blocks else [], cached.num_computed_tokens[i]))
         saves = [save for p in progress if (save := self.advance(*p, scheduler_output.num_scheduled_tokens))]
         return saves, loads
+
+    def share_pulls(self, loads: list[LoadEntry]) -> list[LoadEntry]:
+        """The first load of each key pulls it; the others in this step (children of one n>1
+        request) copy what it pulled. Each key is remembered as pulled."""
+        pulls, shared = set(), []
+        for entry in loads:
+            shared.append(msgspec.structs.replace(entry, shared=entry.transfer_key in pulls))
+            pulls.add(entry.transfer_key)
+        self.pulled.update(dict.fromkeys(pulls, time.monotonic()))
+        return shared
 
     def advance(self, req_id: str, new_block_ids, num_computed: int, num_scheduled: dict) -> SaveEntry | None:
         """Track a prefill request's blocks; its SaveEntry in the step that completes its prompt."""

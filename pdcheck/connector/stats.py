@@ -8,10 +8,14 @@ folder as its logs grow.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
 import msgspec
+
+
+log = logging.getLogger("pdcheck.connector")
 
 
 class TransferRecord(msgspec.Struct, frozen=True):
@@ -34,17 +38,29 @@ class Transfer(msgspec.Struct):
 
 
 class TransferLog:
+    """Appends one line per record to `path`, if one is given. A write that fails (disk full,
+    folder removed, no permission) is logged once as a warning and the log is given up: the
+    engine whose connector writes it goes on serving."""
+
     def __init__(self, path: str | None):
         self.path = Path(path) if path else None
+        self.is_given_up = False
         self.lock = threading.Lock()
         self.encoder = msgspec.json.Encoder()
 
     def record(self, record: TransferRecord) -> None:
-        if self.path is None:
+        if self.path is None or self.is_given_up:
             return
         line = self.encoder.encode(record) + b"\n"
-        with self.lock, self.path.open("ab") as f:
-            f.write(line)
+        with self.lock:
+            if self.is_given_up:
+                return
+            try:
+                with self.path.open("ab") as f:
+                    f.write(line)
+            except OSError as e:
+                self.is_given_up = True
+                log.warning("transfer log %s cannot be written (%s); going on without it", self.path, e.strerror or e)
 
 
 DECODER = msgspec.json.Decoder(TransferRecord)

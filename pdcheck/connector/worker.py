@@ -39,13 +39,14 @@ class SaveEntry(msgspec.Struct, frozen=True):
 
 class LoadEntry(msgspec.Struct, frozen=True):
     """Load the prompt's blocks first_block.. (those before are local prefix-cache hits) into
-    `block_ids`."""
+    `block_ids`. `shared`: an earlier entry of the same step pulls this key; copy its KV."""
 
     request_id: str
     transfer_key: str
     block_ids: list[int]
     remote: str  # prefill's address
     first_block: int = 0
+    shared: bool = False
 
 
 def check_fits(entry: LoadEntry, data: torch.Tensor, layers: dict[str, torch.Tensor], layout) -> None:
@@ -114,10 +115,11 @@ class WorkerHalf:
 
     # -- load (decode) -------------------------------------------------------------------
     def load(self, entries: list[LoadEntry], layers: dict[str, torch.Tensor]) -> None:
+        fetched: dict[str, torch.Tensor] = {}  # this step's pulls, for the entries sharing them
         for entry in entries:
             started = time.monotonic()
             try:
-                data = self.fetch(entry)
+                data = fetched[entry.transfer_key] = self.fetch(entry, fetched)
                 check_fits(entry, data, layers, self.config.layout)
                 for i, name in enumerate(sorted(layers)):
                     blocks = data[i, entry.first_block : entry.first_block + len(entry.block_ids)]
@@ -134,7 +136,11 @@ class WorkerHalf:
         self.log.record(TransferRecord(entry.transfer_key, "load", len(entry.block_ids), 0, 0.0, str(error)))
         self.load_errors.update(entry.block_ids)
 
-    def fetch(self, entry: LoadEntry) -> torch.Tensor:
+    def fetch(self, entry: LoadEntry, fetched: dict[str, torch.Tensor]) -> torch.Tensor:
+        if entry.shared:
+            if entry.transfer_key not in fetched:
+                raise ProtocolError(f"{entry.transfer_key}: the load this one shares failed")
+            return fetched[entry.transfer_key]
         if self.config.mode is Mode.GET:
             return self.plane.pull(entry.remote, entry.transfer_key)
         return self.plane.take(entry.transfer_key)

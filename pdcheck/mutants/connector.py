@@ -57,6 +57,22 @@ class PromptKeys(P2PConnector):
     scheduler_class = PromptKeyScheduler
 
 
+class PullPerChildScheduler(SchedulerHalf):
+    def was_pulled(self, params) -> bool:
+        return False
+
+    def share_pulls(self, loads):
+        return loads  # BUG: every child of an n>1 request pulls the key prefill serves once
+
+
+class PullPerChild(P2PConnector):
+    """Each child of an n>1 request pulls its parent's transfer key itself: the first pull
+    consumes it, prefill refuses the others ("unknown transfer key"), and vLLM fails the
+    request. The reference connector's behaviour before children shared one pull."""
+
+    scheduler_class = PullPerChildScheduler
+
+
 class SkipMissingWorker(WorkerHalf):
     def load_failed(self, entry, error) -> None:
         log.warning("load of %s failed, going on without it: %s", entry.transfer_key, error)
@@ -181,10 +197,10 @@ class DropFirstPush(P2PConnector):
 
 
 class UnboundedFetchWorker(WorkerHalf):
-    def fetch(self, entry):
+    def fetch(self, entry, fetched):
         while True:  # BUG: no deadline: waits for the KV however long it takes
             with contextlib.suppress(TimeoutError):
-                return super().fetch(entry)
+                return super().fetch(entry, fetched)
 
 
 class NoPullDeadline(P2PConnector):

@@ -5,7 +5,8 @@ models seen in heartbeats), GET /health, GET /instances (the registry in routing
 
 A request: the body is checked (400 with an OpenAI-style error naming the field); a prefill and a
 decode instance of its model are picked by the policy (503 if a role has none); the prefill leg
-gets the same body with stream false, max_tokens (and max_completion_tokens) 1 and
+gets the same body with stream false, max_tokens (and max_completion_tokens) 1, n 1 (the
+prompt's KV is computed once, whatever the number of choices decode samples) and
 `kv_transfer_params` = the prefill template, `{decode_addr}` filled with the decode instance's KV
 address; the decode leg gets the original body with the `kv_transfer_params` prefill answered,
 less accounting keys; decode's answer goes back as it came (SSE passed through chunk by chunk).
@@ -88,7 +89,7 @@ def fill_prefill_params(template: dict[str, Any], decode: Heartbeat) -> dict[str
 
 
 def prefill_body(body: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    leg = dict(body, stream=False, max_tokens=1, kv_transfer_params=params | (body.get("kv_transfer_params") or {}))
+    leg = dict(body, stream=False, max_tokens=1, n=1, kv_transfer_params=params | (body.get("kv_transfer_params") or {}))
     if "max_completion_tokens" in leg:
         leg["max_completion_tokens"] = 1
     for key in PREFILL_DROPPED:
