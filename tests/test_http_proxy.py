@@ -110,14 +110,14 @@ def test_round_robin_gives_each_prefill_and_decode_floor_or_ceil_of_n_over_k(sta
 
 def test_prefill_leg_is_one_token_not_streamed_with_the_filled_prefill_params(stack):
     proxy, (prefill,), (decode,) = cluster(stack)
-    status, _, answer = post(proxy.url + "/v1/completions", dict(GOOD, min_tokens=2), {"X-Request-Id": "req-7"})
+    status, _, answer = post(proxy.url + "/v1/completions", dict(GOOD, min_tokens=2, n=3), {"X-Request-Id": "req-7"})
     assert status == 200
     (path, headers, body), = prefill.received
     assert path == "/v1/completions" and headers["X-Request-Id"] == "req-7"
-    assert body["max_tokens"] == 1 and body["stream"] is False and "min_tokens" not in body
+    assert body["max_tokens"] == 1 and body["stream"] is False and "min_tokens" not in body and body["n"] == 1
     kv_address = registered(proxy.url)["decode"][0]["kv_address"]
     assert body["kv_transfer_params"] == {"do_remote_decode": True, "remote_decode": kv_address}
-    assert {k: v for k, v in body.items() if k not in ("max_tokens", "stream", "kv_transfer_params")} == {
+    assert {k: v for k, v in body.items() if k not in ("max_tokens", "stream", "kv_transfer_params", "n")} == {
         "model": MODEL, "prompt": "hello there"}
 
 
