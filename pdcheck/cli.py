@@ -160,17 +160,34 @@ def engine_specs(args) -> list[EngineSpec]:
 
 
 def serve_spec(args) -> EngineSpec:
+    """The instance's spec, or BadInput for anything that would fail once vLLM has started:
+    checked first what needs no vLLM, then (prefill, decode) the connector's own settings."""
+    import dataclasses
+
+    from pdcheck.cluster.serve import check_connector_options, check_connector_settings, check_port_free
+    from pdcheck.config import Role
+
+    if args.role != "single" and not (args.proxy and args.kv_port):
+        raise BadInput(f"--role {args.role} needs --proxy (the proxy's heartbeat address) and --kv-port")
+    check_port_free("--port", args.port)
+    if args.kv_port:
+        if args.kv_port == args.port:
+            raise BadInput(f"--kv-port {args.kv_port}: the same as --port")
+        check_port_free("--kv-port", args.kv_port)
+    check_connector_options(args.connector_config, args.profile)
+    spec = EngineSpec(model=model_path(args.model), dtype=args.dtype, block_size=args.block_size,
+                      max_model_len=args.max_model_len)
     try:  # the connector writes there from its first request: a folder that cannot be made fails now
         args.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInput(f"--run-dir {args.run_dir}: cannot be made ({e.strerror})") from None
-    if args.role != "single" and not (args.proxy and args.kv_port):
-        raise BadInput(f"--role {args.role} needs --proxy (the proxy's heartbeat address) and --kv-port")
-    if args.role != "single":
-        import vllm  # noqa: F401  (the server imports it anyway; the connector's class is then resolved here)
-    connector = connector_spec(args.connector, args.connector_config, None, args.profile) if args.role != "single" else None
-    return EngineSpec(model=model_path(args.model), dtype=args.dtype, block_size=args.block_size,
-                      max_model_len=args.max_model_len, connector=connector)
+    if args.role == "single":
+        return spec
+    import vllm  # noqa: F401  (the server imports it anyway; the connector's class is then resolved here)
+
+    connector = connector_spec(args.connector, args.connector_config, None, args.profile)
+    check_connector_settings(connector, args.run_dir, args.kv_port, Role(args.role))
+    return dataclasses.replace(spec, connector=connector)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,8 +74,9 @@ def test_serve_makes_its_run_folder_or_refuses_one_that_cannot_be_made(tmp_path,
     """A run folder that does not exist is made before the server starts (the connector writes
     its transfer log there from the first request); one that cannot be made is exit 2."""
     from pdcheck.cli import build_parser, main, serve_spec
+    from pdcheck.cluster.instance import free_port
 
-    single = ["serve", "--role", "single", "--model", "tiny-llama", "--port", "1", "--run-dir"]
+    single = ["serve", "--role", "single", "--model", "tiny-llama", "--port", str(free_port()), "--run-dir"]
     folder = tmp_path / "new" / "run"
     serve_spec(build_parser().parse_args([*single, str(folder)]))
     assert folder.is_dir()

@@ -5,13 +5,19 @@ its module entry point: the `vllm` command itself refuses to start under vllm-cp
 distribution name it does not know. A prefill or decode instance gets the chosen connector
 (listening on `--kv-port`) and, once its /health answers, heartbeats to the proxy every
 interval with its HTTP and KV addresses; a single instance (an oracle) gets neither.
+
+Bad input is refused before vLLM is imported where it can be (ports in use, connector options
+that are not JSON, a profile file that cannot be read), else before the engine starts (settings
+the connector itself refuses): BadInput, one line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -19,9 +25,46 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pdcheck.config import EngineSpec, Role
+from pdcheck.config import ConnectorSpec, EngineSpec, Role, parse_json_object
+from pdcheck.errors import BadInput
+from pdcheck.profiles import REFERENCE_CLASS, Profile, load_override
 
 STARTUP_S = 300.0
+
+
+def check_port_free(option: str, port: int) -> None:
+    """BadInput where `port` cannot be bound on loopback now: the server and the connector bind
+    theirs only once vLLM has started, and would die then."""
+    if not 0 < port < 65536:
+        raise BadInput(f"{option} {port}: expected a port, 1-65535")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as vLLM and ZMQ bind: TIME_WAIT is no conflict
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            reason = "already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            raise BadInput(f"{option} {port}: {reason} on 127.0.0.1") from None
+
+
+def check_connector_options(config_json: str | None, profile_file: str | None) -> None:
+    """BadInput where --connector-config is not a JSON object, or the --profile file cannot be
+    read or names fields a profile does not have; needs no vLLM."""
+    parse_json_object(config_json, "--connector-config")
+    if profile_file is not None:
+        load_override(Profile(), profile_file)
+
+
+def check_connector_settings(connector: ConnectorSpec, run_dir: Path, kv_port: int, role: Role) -> None:
+    """BadInput where the connector would refuse the settings this instance gives it, checked
+    where pdcheck knows the connector's own check (the reference connector and its variants)."""
+    if REFERENCE_CLASS not in connector.lineage:
+        return
+    from pdcheck.connector.config import P2PConfig
+
+    try:
+        P2PConfig.from_extra(connector.kv_transfer_config(run_dir, kv_port, role)["kv_connector_extra_config"])
+    except ValueError as e:
+        raise BadInput(f"--connector-config: the reference connector refuses it: {e}") from None
 
 
 def server_argv(spec: EngineSpec, role: Role, port: int, kv_port: int, run_dir: Path) -> list[str]:

@@ -81,5 +81,5 @@ def convert(key: str, raw: Any):
         if key in ("deadline_s", "hold_s"):
             return float(raw)
         return str(raw)
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: a JSON list or object where a number belongs
         raise ValueError(f"{key} {raw!r}: not a valid value") from None
