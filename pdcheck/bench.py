@@ -24,6 +24,7 @@ from rich.table import Table
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.cluster.instance import Instance, cache_dir
 from pdcheck.cluster.messages import GenRequest
+from pdcheck.cluster.placement import Placement
 from pdcheck.config import EngineSpec, Role, connector_spec, model_path
 from pdcheck.store import RunStore
 
@@ -40,7 +41,7 @@ def time_import_vllm() -> float:
 def time_instance(spec: EngineSpec, run_dir, name: str) -> tuple[float, float]:
     """(spawn to first served request, engine build alone) for one instance."""
     started = time.monotonic()
-    with Instance(name, spec, Role.SINGLE, run_dir, [0]) as instance:
+    with Instance(name, spec, Role.SINGLE, run_dir, Placement(cpus=(0,))) as instance:
         instance.wait_ready()
         result = instance.generate([PROBE], 60)[0]
         assert result.ok, result.error

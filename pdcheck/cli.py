@@ -42,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nemesis", type=int, metavar="SEED",
                      help="on a seeded schedule: pause prefill (between the legs) or decode (as a batch starts), "
                           "or abandon a batch between the legs")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the plan and start nothing: where each instance would run (with --target: "
+                          "the black-box plan, no completion sent)")
+    placement = run.add_argument_group("placement: where instances run (pdcheck/cluster/placement.py)")
+    placement.add_argument("--device", choices=["cpu", "cuda"],
+                           help="default: cuda where --gpus is given or a CUDA GPU is visible, else cpu")
+    placement.add_argument("--gpus", type=int, metavar="N",
+                           help="use the first N visible GPUs (default all); with --dry-run, plan for a runner of N")
+    for role in ("prefill", "decode", "oracle"):
+        placement.add_argument(f"--{role}-tp", type=int, default=1, metavar="N",
+                               help=f"tensor-parallel size of each {role} instance (cuda)")
     blackbox = run.add_argument_group("black-box mode: a deployment pdcheck did not start")
     blackbox.add_argument("--target", help="the PD deployment's OpenAI-compatible URL")
     blackbox.add_argument("--oracle", help="a single-node baseline's OpenAI-compatible URL")
@@ -51,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     blackbox.add_argument("--metrics", action="append", help="a vLLM server's URL whose /metrics show leaks (repeatable)")
     blackbox.add_argument("--hook", action="append", help="N:COMMAND, run before workload request N (repeatable)")
     blackbox.add_argument("--heal", action="append", help="N:COMMAND undoing a hook; every heal runs by the end")
-    blackbox.add_argument("--dry-run", action="store_true", help="print the plan; send no completion")
     run.add_argument("--runs-dir", type=Path, default=Path("runs"))
     bench = commands.add_parser("bench", help="benchmarks")
     which = bench.add_subparsers(dest="bench", required=True)
@@ -204,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 return run_blackbox(args, stack, console)
             if args.command == "run":
-                from pdcheck.runner import run_gate
+                from pdcheck.cluster.placement import choose_layout
+                from pdcheck.runner import dry_run, run_gate
 
-                return run_gate(args, engine_specs(args), stack, console)
+                layout = choose_layout(args.device, args.gpus, args.dry_run, prefill_tp=args.prefill_tp,
+                                       decode_tp=args.decode_tp, oracle_tp=args.oracle_tp)
+                if args.dry_run:
+                    return dry_run(args, engine_specs(args), layout, console)
+                return run_gate(args, engine_specs(args), layout, stack, console)
             if args.command == "repro":
                 from pdcheck.reproducer import run_repro
 

@@ -3,8 +3,9 @@
 A deployment is xPyD in-process engines, or with --serve the real shape: `pdcheck serve`
 instances (vLLM's OpenAI server) behind the PD proxy, the workload sent over HTTP.
 
-Configurations run one after another; the next one's instances start while the current one is
-checked, so at most two deployments are alive. Every deployment is owned by the caller's
+Configurations run one after another; on CPU the next one's instances start while the current one
+is checked, so at most two deployments are alive (on CUDA one: GPU memory is planned for one).
+`--dry-run` prints where each instance would run and starts nothing. Every deployment is owned by the caller's
 ExitStack, so an error or Ctrl-C anywhere still stops every instance.
 """
 
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pdcheck import report
 from pdcheck.cluster.deployment import Deployment
+from pdcheck.cluster.placement import Device, Layout, gpu_names
 from pdcheck.config import DecodePrompt, EngineSpec
 from pdcheck.errors import BadInput
 from pdcheck.gate import check, leaks
@@ -38,10 +40,10 @@ def workload(args, spec: EngineSpec):
     return requests
 
 
-def make_deployment(args, spec: EngineSpec, run_dir, name: str):
-    """In-process engines, or with --serve `pdcheck serve` instances behind the proxy."""
+def make_deployment(args, spec: EngineSpec, run_dir, name: str, layout: Layout):
+    """In-process engines, or with --serve `pdcheck serve` instances behind the proxy; made, not started."""
     if not args.serve:
-        return Deployment(spec, run_dir, name, None, *args.topology)
+        return Deployment(spec, run_dir, name, None, *args.topology, layout=layout)
     if args.nemesis is not None:
         raise BadInput("--nemesis pauses in-process instances; it does not combine with --serve")
     from pdcheck.cluster.served import ServedCluster
@@ -49,14 +51,44 @@ def make_deployment(args, spec: EngineSpec, run_dir, name: str):
     if spec.connector.decode_prompt is not DecodePrompt.ORIGINAL:
         raise BadInput(f"--serve: the proxy gives decode the original prompt; {spec.connector.name} "
                        f"expects it with prefill's first token (try --connector reference)")
-    return ServedCluster(spec, run_dir / name, *args.topology)
+    return ServedCluster(spec, run_dir / name, *args.topology, layout=layout)
 
 
-def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) -> int:
+def dry_run(args, specs: list[EngineSpec], layout: Layout, console: Console) -> int:
+    """Print where each instance of a configuration would run; start nothing, write nothing."""
+    deployment = make_deployment(args, specs[0], args.runs_dir / "dry-run", "plan", layout)
+    gpus = f" ({gpu_names(layout.gpus)})" if layout.gpus else ""
+    console.print(f"plan: {deployment.topology} beside an oracle, on {layout.device.value}{gpus}"
+                  f"{', over HTTP (--serve)' if args.serve else ''}; nothing started", markup=False, highlight=False)
+    console.print(f"configurations, one at a time in these places: {', '.join(s.label for s in specs)}", markup=False)
+    console.print("ports: free loopback ports, drawn as instances are made (a run draws its own)", markup=False)
+    rows = [("instance", "role", "devices", "ports", "environment", "engine args")]
+    rows += [plan_row(instance) for instance in deployment.instances]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        console.print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1], markup=False,
+                      highlight=False)
+    return 0
+
+
+def plan_row(instance) -> tuple[str, ...]:
+    """One instance's line of the plan: what differs from one instance to another."""
+    engine = instance.placement.engine_args()
+    if instance.spec.connector is not None:
+        engine["kv_role"] = instance.spec.connector.kv_transfer_config(instance.run_dir, 0, instance.role)["kv_role"]
+    return (instance.name, instance.role.value, instance.placement.devices,
+            " ".join(f"{use}={port}" for use, port in instance.ports.items()) or "-",
+            " ".join(f"{k}={v}" for k, v in instance.env.items()) or "-",
+            " ".join(f"{k}={v}" for k, v in engine.items()) or "-")
+
+
+def run_gate(args, specs: list[EngineSpec], layout: Layout, stack: ExitStack, console: Console) -> int:
     workloads = [workload(args, spec) for spec in specs]
     store = RunStore(args.runs_dir)
     stack.callback(store.close)
-    deployments = [make_deployment(args, spec, store.folder, f"{i}-{spec.model.name}-{spec.dtype}") for i, spec in enumerate(specs)]
+    deployments = [make_deployment(args, spec, store.folder, f"{i}-{spec.model.name}-{spec.dtype}", layout)
+                   for i, spec in enumerate(specs)]
+    overlap = layout.device is Device.CPU  # start the next configuration while this one is checked
     for deployment in deployments:
         stack.callback(deployment.close)
     console.print(f"run folder: {store.folder}")
@@ -68,7 +100,7 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
         for i, (deployment, requests) in enumerate(zip(deployments, workloads)):
             progress.update(task, description=f"starting {deployment.spec.label}")
             deployment.wait_ready()
-            if i + 1 < len(deployments):
+            if overlap and i + 1 < len(deployments):
                 deployments[i + 1].start()
             progress.update(task, description=f"checking {deployment.spec.label}")
             nemesis, faults = None, []
@@ -80,6 +112,8 @@ def run_gate(args, specs: list[EngineSpec], stack: ExitStack, console: Console) 
                                          nemesis=nemesis)
             leaked = leaks(deployment, store.history, timeout_s=args.drain_s, checked=checked)
             deployment.close()
+            if not overlap and i + 1 < len(deployments):
+                deployments[i + 1].start()
             configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked,
                             "leaks": leaked, "faults": faults})
     failures = [(spec, sent, cfg, c) for spec, sent, cfg in zip(specs, workloads, configs)

@@ -2,39 +2,36 @@
 
 `pair(i)` is the (prefill, decode) pair for the i-th batch of requests: prefills vary fastest,
 so with 2P2D four batches cover P0>D0, P1>D0 (2P1D), P0>D1 (1P2D) and P1>D1.
-CPUs are handed out round-robin over this process's allowed CPUs.
+Each instance's CPU core or GPUs come from the deployment's Layout (pdcheck/cluster/placement.py),
+planned for the oracle, the prefills and the decodes together.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pdcheck.cluster.instance import Instance
 from pdcheck.cluster.messages import GenRequest
+from pdcheck.cluster.placement import Layout
 from pdcheck.config import EngineSpec, Role
 from pdcheck.connector.stats import Transfer, TransferLogs
 from pdcheck.pd import PDResult, run_pd
 
 
-def cpu_plan(count: int) -> list[list[int]]:
-    cpus = sorted(os.sched_getaffinity(0))
-    return [[cpus[i % len(cpus)]] for i in range(count)]
-
-
 class Deployment:
     def __init__(self, spec: EngineSpec, run_dir: Path, name: str, decode_spec: EngineSpec | None = None,
-                 num_prefill: int = 1, num_decode: int = 1, oracle: Instance | None = None):
-        """`oracle`: a running oracle to use (and leave running) instead of starting one."""
+                 num_prefill: int = 1, num_decode: int = 1, oracle: Instance | None = None, layout: Layout = Layout()):
+        """`oracle`: a running oracle to use (and leave running) instead of starting one; its
+        place in `layout` is planned all the same."""
         assert spec.connector is not None, "a PD deployment needs a connector"
         self.spec = spec
         self.folder = run_dir / name  # also the connector's `{run_dir}`: nothing shared across deployments
         self.logs = TransferLogs(self.folder)
-        cpus = iter(cpu_plan(1 + num_prefill + num_decode))
+        oracle_place, *places = layout.place([Role.SINGLE] + [Role.PREFILL] * num_prefill + [Role.DECODE] * num_decode)
         self.owns_oracle = oracle is None
-        self.oracle = oracle or Instance("oracle", spec.without_connector(), Role.SINGLE, self.folder, next(cpus))
-        self.prefills = [Instance(f"prefill{i}", spec, Role.PREFILL, self.folder, next(cpus)) for i in range(num_prefill)]
-        self.decodes = [Instance(f"decode{i}", decode_spec or spec, Role.DECODE, self.folder, next(cpus))
+        self.oracle = oracle or Instance("oracle", spec.without_connector(), Role.SINGLE, self.folder, oracle_place)
+        self.prefills = [Instance(f"prefill{i}", spec, Role.PREFILL, self.folder, places[i]) for i in range(num_prefill)]
+        self.decodes = [Instance(f"decode{i}", decode_spec or spec, Role.DECODE, self.folder, places[num_prefill + i])
                         for i in range(num_decode)]
 
     @property

@@ -24,6 +24,7 @@ from pdcheck.cluster import worker
 from pdcheck.cluster.messages import (
     Drain, EngineState, Failed, FromWorker, Generate, GenRequest, GenResult, Ready, Results, Stop,
 )
+from pdcheck.cluster.placement import Placement
 from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput, InstanceFailed
 
@@ -149,12 +150,13 @@ ENGINE_ENV = {
 
 
 class Instance:
-    """One vLLM engine in its own process, with a role, its own folder and its own CPUs."""
+    """One vLLM engine in its own process, with a role, its own folder and its own place (CPU
+    core or GPUs)."""
 
-    def __init__(self, name: str, spec: EngineSpec, role: Role, run_dir: Path, cpus: list[int]):
-        self.name, self.spec, self.role, self.run_dir, self.cpus = name, spec, role, run_dir, cpus
+    def __init__(self, name: str, spec: EngineSpec, role: Role, run_dir: Path, placement: Placement):
+        self.name, self.spec, self.role, self.run_dir, self.placement = name, spec, role, run_dir, placement
         self.port = free_port()  # the connector's, where it listens (`{port}` in its config)
-        self.env = instance_env(spec)
+        self.env = placement.env() | instance_env(spec)
         self.folder = run_dir / "instances" / name
         self.process = None
         self.conn = None
@@ -167,7 +169,7 @@ class Instance:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.conn, child = context.Pipe()
         lifeline, self.lifeline = context.Pipe(duplex=False)  # closed when this process ends
-        args = (child, lifeline, self.spec, str(self.folder), self.cpus, str(self.run_dir), self.port, self.role,
+        args = (child, lifeline, self.spec, str(self.folder), self.placement, str(self.run_dir), self.port, self.role,
                 self.env)
         self.process = context.Process(target=worker.main, args=args, name=f"pdcheck-{self.name}", daemon=True)
         self.process.start()
@@ -218,6 +220,11 @@ class Instance:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """The ports it listens on, by use."""
+        return {"kv": self.port} if self.spec.connector is not None else {}
 
     def _receive(self, timeout_s: float):
         """The worker's next message, or None if it died or stayed silent past the timeout."""

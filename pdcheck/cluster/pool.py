@@ -12,8 +12,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 from pdcheck.checker.oracle import Oracle
-from pdcheck.cluster.deployment import Deployment, cpu_plan
+from pdcheck.cluster.deployment import Deployment
 from pdcheck.cluster.instance import Instance, stop_engine_server
+from pdcheck.cluster.placement import cpu_plan
 from pdcheck.config import EngineSpec, Role
 
 

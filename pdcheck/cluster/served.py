@@ -2,7 +2,8 @@
 PD proxy, on free loopback ports.
 
 `ServedInstance` owns one server process: its own session (so its whole process group can be
-signalled), killed if this process dies (PR_SET_PDEATHSIG), pinned to its CPUs, with caches
+signalled), killed if this process dies (PR_SET_PDEATHSIG), in its place (pinned to its CPU core,
+or its GPUs as CUDA_VISIBLE_DEVICES; pdcheck/cluster/placement.py), with caches
 under pdcheck's cache folder and TMPDIR in a short folder there (vLLM's server puts ZMQ IPC
 sockets in TMPDIR, and a socket path may not pass 107 bytes), removed when it stops. `ServedCluster` owns a proxy, xPyD instances heartbeating to it and a
 single-instance oracle; `close` stops them all, also after a failed start.
@@ -24,13 +25,13 @@ import urllib.request
 from pathlib import Path
 
 from pdcheck.client import complete_all, engine_state
-from pdcheck.cluster.deployment import cpu_plan
 from pdcheck.cluster.instance import cache_dir, free_port, instance_env
 from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
+from pdcheck.cluster.placement import Layout, Placement
 from pdcheck.cluster.serve import wait_healthy
 from pdcheck.config import EngineSpec, Role
 from pdcheck.connector.stats import Transfer, TransferLogs
-from pdcheck.errors import InstanceFailed
+from pdcheck.errors import BadInput, InstanceFailed
 from pdcheck.pd import PDResult
 from pdcheck.proxy.server import Proxy, ProxySettings
 
@@ -46,11 +47,11 @@ def die_with_parent() -> None:
 
 
 class ServedInstance:
-    def __init__(self, name: str, spec: EngineSpec, role: Role, run_dir: Path, cpus: list[int],
-                 proxy_heartbeat: str | None = None):
-        self.name, self.spec, self.role, self.run_dir, self.cpus = name, spec, role, run_dir, cpus
-        self.proxy_heartbeat = proxy_heartbeat
+    def __init__(self, name: str, spec: EngineSpec, role: Role, run_dir: Path, placement: Placement):
+        self.name, self.spec, self.role, self.run_dir, self.placement = name, spec, role, run_dir, placement
+        self.proxy_heartbeat: str | None = None  # the proxy's address: its cluster sets it before a start
         self.port, self.kv_port = free_port(), free_port()
+        self.env = placement.env() | instance_env(spec)
         self.folder = run_dir / "instances" / name
         self.process: subprocess.Popen | None = None
         self.tmp: Path | None = None
@@ -58,6 +59,11 @@ class ServedInstance:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """The ports it listens on, by use."""
+        return {"http": self.port} | ({"kv": self.kv_port} if self.role is not Role.SINGLE else {})
 
     @property
     def log_path(self) -> Path:
@@ -80,11 +86,12 @@ class ServedInstance:
         (cache_dir() / "t").mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=cache_dir() / "t"))
         env = os.environ | {"TMPDIR": str(self.tmp), "VLLM_CACHE_ROOT": str(cache_dir() / "vllm"),
-                            "TORCHINDUCTOR_CACHE_DIR": str(cache_dir() / "inductor")} | instance_env(self.spec)
+                            "TORCHINDUCTOR_CACHE_DIR": str(cache_dir() / "inductor")} | self.env
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True, preexec_fn=die_with_parent)
-        os.sched_setaffinity(self.process.pid, self.cpus)
+        if self.placement.cpus:
+            os.sched_setaffinity(self.process.pid, self.placement.cpus)
         return self
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -154,32 +161,53 @@ def log_tail(path: Path, lines: int = 5) -> str:
     return " | ".join(([f"first error: {first.strip()} ..."] if first and first not in shown else []) + shown) or "no output"
 
 
+def served_places(layout: Layout, roles: list[Role]) -> list[Placement]:
+    """`layout`'s places for `roles`; BadInput for a place `pdcheck serve` cannot take yet (it
+    has no options for tensor parallelism or a share of GPU memory)."""
+    places = layout.place(roles)
+    for role, place in zip(roles, places):
+        if place.tensor_parallel_size > 1 or place.gpu_memory_utilization is not None:
+            who = "the oracle" if role is Role.SINGLE else f"a {role.value} instance"
+            raise BadInput(f"--serve: {who} placed on {place.devices} needs tensor parallelism "
+                           f"or a share of GPU memory, which pdcheck serve does not pass to vLLM yet; "
+                           f"give each instance a GPU of its own (1+x+y GPUs for xPyD, tensor-parallel size 1)")
+    return places
+
+
 class ServedCluster:
-    """xPyD `pdcheck serve` instances behind a proxy, beside a single-instance oracle."""
+    """xPyD `pdcheck serve` instances behind a proxy, beside a single-instance oracle, placed
+    by `layout` (instances made here, started by `start`)."""
 
     def __init__(self, spec: EngineSpec, run_dir: Path, num_prefill: int = 1, num_decode: int = 1,
-                 settings: ProxySettings = ProxySettings(expiry_s=3.0, heartbeat_interval_s=0.5), policy=None):
-        self.spec, self.folder = spec, run_dir
+                 settings: ProxySettings = ProxySettings(expiry_s=3.0, heartbeat_interval_s=0.5), policy=None,
+                 layout: Layout = Layout()):
+        self.spec, self.folder, self.layout = spec, run_dir, layout
         self.logs = TransferLogs(run_dir)
         prefill_params = dict(spec.connector.prefill_params)
         self.proxy = Proxy(settings, policy, prefill_params)
-        cpus = iter(cpu_plan(1 + num_prefill + num_decode))
-        self.oracle = ServedInstance("oracle", spec.without_connector(), Role.SINGLE, run_dir, next(cpus))
-        self.num_prefill, self.num_decode, self.cpus = num_prefill, num_decode, cpus
-        self.prefills: list[ServedInstance] = []
-        self.decodes: list[ServedInstance] = []
+        oracle_place, *places = served_places(layout, [Role.SINGLE] + [Role.PREFILL] * num_prefill
+                                              + [Role.DECODE] * num_decode)
+        self.oracle = ServedInstance("oracle", spec.without_connector(), Role.SINGLE, run_dir, oracle_place)
+        self.num_prefill, self.num_decode = num_prefill, num_decode
+        self.prefills = [ServedInstance(f"prefill{i}", spec, Role.PREFILL, run_dir, places[i]) for i in range(num_prefill)]
+        self.decodes = [ServedInstance(f"decode{i}", spec, Role.DECODE, run_dir, places[num_prefill + i])
+                        for i in range(num_decode)]
 
     @property
     def instances(self) -> list[ServedInstance]:
         return [self.oracle, *self.prefills, *self.decodes]
 
     def add(self, role: Role) -> ServedInstance:
-        """Start one more instance of `role`; it joins by heartbeat once it is ready."""
+        """Start one more instance of `role` in a started cluster, in the layout's next place; it
+        joins by heartbeat once it is ready."""
         group = self.prefills if role is Role.PREFILL else self.decodes
-        name = f"{role.value}{len(group)}"
-        cpus = next(self.cpus, None) or cpu_plan(len(self.instances) + 1)[-1]
-        instance = ServedInstance(name, self.spec, role, self.folder, cpus, self.proxy.heartbeat_address)
+        placement = served_places(self.layout, [i.role for i in self.instances] + [role])[-1]
+        instance = ServedInstance(f"{role.value}{len(group)}", self.spec, role, self.folder, placement)
         group.append(instance)
+        return self.launch(instance)
+
+    def launch(self, instance: ServedInstance) -> ServedInstance:
+        instance.proxy_heartbeat = self.proxy.heartbeat_address  # known once the proxy listens
         return instance.start()
 
     @property
@@ -189,11 +217,8 @@ class ServedCluster:
     def start(self) -> ServedCluster:
         try:
             self.proxy.start()
-            self.oracle.start()
-            for _ in range(self.num_prefill):
-                self.add(Role.PREFILL)
-            for _ in range(self.num_decode):
-                self.add(Role.DECODE)
+            for instance in self.instances:
+                self.launch(instance)
         except BaseException:
             self.close()
             raise

@@ -1,6 +1,6 @@
 """The inside of an engine instance: one vLLM engine, in-process, in its own OS process.
 
-`main` runs in the child. It pins itself to its CPUs, points every cache and temp folder at
+`main` runs in the child. It pins itself to its CPUs (if its placement names any), points every cache and temp folder at
 the instance's own folder, checks the connector, builds the engine, says Ready, then serves
 Generate messages until Stop. If its owner dies, however it dies, the worker kills itself.
 vLLM is imported lazily, so the harness can name `main` without importing vLLM itself.
@@ -23,6 +23,7 @@ import msgspec
 from pdcheck.cluster.messages import (
     Drain, EngineState, Failed, GenRequest, GenResult, Ready, Results, Stop, ToWorker,
 )
+from pdcheck.cluster.placement import Placement
 from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput
 
@@ -30,17 +31,17 @@ PR_SET_PDEATHSIG = 1
 ABORTED = "aborted by the client"
 
 
-def main(conn, lifeline, spec: EngineSpec, folder: str, cpus: list[int], run_dir: str, port: int, role: Role,
+def main(conn, lifeline, spec: EngineSpec, folder: str, placement: Placement, run_dir: str, port: int, role: Role,
          env: dict[str, str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner stops us, not the terminal
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if the forkserver goes
     threading.Thread(target=die_with_owner, args=(lifeline,), name="pdcheck-lifeline", daemon=True).start()
-    isolate(Path(folder), cpus)
-    os.environ.update(env)  # the connector's per-instance settings (its profile's instance_env)
+    isolate(Path(folder), placement.cpus)
+    os.environ.update(env)  # its GPUs, and the connector's per-instance settings (its profile's instance_env)
     encoder = msgspec.msgpack.Encoder()
     try:
         started = time.monotonic()
-        engine = build_engine(spec, Path(run_dir), port, role)
+        engine = build_engine(spec, Path(run_dir), port, role, placement)
         record_prompt_sources(engine)
         conn.send_bytes(encoder.encode(Ready(pid=os.getpid(), start_s=time.monotonic() - started)))
     except BadInput as e:
@@ -62,13 +63,14 @@ def die_with_owner(lifeline) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def isolate(folder: Path, cpus: list[int]) -> None:
-    """Own temp and cache folders, own CPUs, output to a log file."""
+def isolate(folder: Path, cpus: tuple[int, ...]) -> None:
+    """Own temp and cache folders, own CPUs (none given: the inherited ones), output to a log file."""
     tmp = folder / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     os.environ.update(TMPDIR=str(tmp), XDG_CACHE_HOME=str(folder / "xdg"))
     tempfile.tempdir = str(tmp)
-    os.sched_setaffinity(0, cpus)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     log = os.open(folder / "engine.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -115,7 +117,7 @@ def report_lineage(conn, connector) -> None:
         conn.close()
 
 
-def build_engine(spec: EngineSpec, run_dir: Path, port: int, role: Role):
+def build_engine(spec: EngineSpec, run_dir: Path, port: int, role: Role, placement: Placement):
     from vllm import EngineArgs, LLMEngine
     from vllm.config import KVTransferConfig
 
@@ -125,10 +127,11 @@ def build_engine(spec: EngineSpec, run_dir: Path, port: int, role: Role):
         kv_config = KVTransferConfig(**spec.connector.kv_transfer_config(run_dir, port, role))
     args = EngineArgs(
         model=str(spec.model), skip_tokenizer_init=True, dtype=spec.dtype, max_model_len=spec.max_model_len,
-        block_size=spec.block_size, enforce_eager=True, distributed_executor_backend="uni", seed=0,
+        block_size=spec.block_size, enforce_eager=True, seed=0,
         enable_prefix_caching=spec.prefix_caching, kv_transfer_config=kv_config, max_num_seqs=64,
         num_gpu_blocks_override=spec.num_blocks, max_num_batched_tokens=spec.max_num_batched_tokens,
         enable_chunked_prefill=spec.max_num_batched_tokens is not None or None,
+        **({"distributed_executor_backend": "uni"} | placement.engine_args()),
     )
     return LLMEngine.from_engine_args(args)
 
