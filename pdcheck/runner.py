@@ -58,16 +58,16 @@ def dry_run(args, specs: list[EngineSpec], layout: Layout, console: Console) -> 
     """Print where each instance of a configuration would run; start nothing, write nothing."""
     deployment = make_deployment(args, specs[0], args.runs_dir / "dry-run", "plan", layout)
     gpus = f" ({gpu_names(layout.gpus)})" if layout.gpus else ""
-    console.print(f"plan: {deployment.topology} beside an oracle, on {layout.device.value}{gpus}"
-                  f"{', over HTTP (--serve)' if args.serve else ''}; nothing started", markup=False, highlight=False)
-    console.print(f"configurations, one at a time in these places: {', '.join(s.label for s in specs)}", markup=False)
-    console.print("ports: free loopback ports, drawn as instances are made (a run draws its own)", markup=False)
+    lines = [f"plan: {deployment.topology} beside an oracle, on {layout.device.value}{gpus}"
+             f"{', over HTTP (--serve)' if args.serve else ''}; nothing started",
+             f"configurations, one at a time in these places: {', '.join(s.label for s in specs)}",
+             "ports: free loopback ports, drawn as instances are made (a run draws its own)"]
     rows = [("instance", "role", "devices", "ports", "environment", "engine args")]
     rows += [plan_row(instance) for instance in deployment.instances]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        console.print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1], markup=False,
-                      highlight=False)
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
     return 0
 
 
