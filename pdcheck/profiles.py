@@ -73,6 +73,9 @@ class FailureClass(enum.Enum):
     MOE = "moe"
     LONG_PROMPTS = "long_prompts"
     SERVED = "served"
+    HANDLES = "handles"
+    RECOVERY = "recovery"
+    ASYMMETRY = "asymmetry"
 
 
 class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

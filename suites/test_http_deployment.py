@@ -114,7 +114,54 @@ def test_black_box_run_against_the_deployment_matches_and_records_a_pause_hook(s
     faults = {h["fault"] for h in history if h.get("fault")}
     assert {"abort-mid-stream", "disconnect"} <= faults
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
-    assert results["verdict"] == "valid" and {c["config"] for c in results["configs"]} >= {"repeated-concurrent", "client-faults"}
+    assert results["verdict"] == "valid" and {c["config"] for c in results["configs"]} >= {
+        "repeated-concurrent", "api", "client-faults"}
+    api = next(c for c in results["configs"] if c["config"] == "api")
+    assert {r["verdict"]["request_id"] for r in api["requests"]} >= {"api-n2-seeded", "api-chat", "api-greedy-logprobs"}
+
+
+def test_the_openai_client_through_the_proxy_gets_the_oracles_answers(served):
+    """The openai package, as an application would use it: n=2 with a seed and logprobs, chat
+    with a seed, a stream with usage. Each answer through the proxy equals the oracle's."""
+    import openai
+
+    from pdcheck.workload.api import MESSAGES, PROMPT
+
+    def ask(url: str) -> list:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=DEADLINE_S, max_retries=0)
+        with client:
+            completion = client.completions.create(model=MODEL, prompt=PROMPT, n=2, seed=7, temperature=0.9,
+                                                   logprobs=2, max_tokens=12)
+            chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=3, temperature=0.8,
+                                                  max_tokens=12, logprobs=True, top_logprobs=2)
+            stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                               stream_options={"include_usage": True})
+            chunks = list(stream)
+        return [[(c.text, c.finish_reason, c.logprobs.tokens) for c in completion.choices],
+                [(c.message.content, c.finish_reason, [t.token for t in c.logprobs.content]) for c in chat.choices],
+                "".join(c.text for chunk in chunks for c in chunk.choices),
+                next(chunk.usage.completion_tokens for chunk in chunks if chunk.usage)]
+
+    through_pd = ask(served.proxy.url)
+    assert through_pd == ask(served.oracle.url)
+    assert len(through_pd[0]) == 2 and through_pd[0][0] != through_pd[0][1]  # two seeded choices, not one twice
+
+
+def test_vllms_benchmark_client_completes_every_request_through_the_proxy(served, tmp_path):
+    """vLLM's own benchmark client (vllm.benchmarks.serve, called as a module) on random
+    prompts against the proxy: every request completes."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(["--backend", "vllm", "--base-url", served.proxy.url, "--model", MODEL,
+                              "--tokenizer", str(served.spec.model), "--dataset-name", "random",
+                              "--random-input-len", "80", "--random-output-len", "8", "--num-prompts", "24",
+                              "--request-rate", "8", "--seed", "0", "--ignore-eos", "--disable-tqdm",
+                              "--result-dir", str(tmp_path)])
+    result = main(args)
+    assert result["completed"] == 24 and result["failed"] == 0, {k: result.get(k) for k in ("completed", "failed")}
 
 
 def test_decode_leaving_mid_run_loses_no_request_and_one_joining_gets_requests(served):
@@ -205,6 +252,8 @@ def test_a_deployment_returning_wrong_tokens_is_caught_from_outside(served, tmp_
     finally:
         relay.stop()
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
-    verdicts = [r["verdict"] for c in results["configs"] for r in c["requests"]]
+    verdicts = [r["verdict"] for c in results["configs"] for r in c["requests"] if c["config"] != "api"]
     diverged = [v for v in verdicts if v["outcome"] == "diverged"]
     assert code == 1 and diverged and all(v["position"] == WRONG_AT for v in diverged), verdicts
+    api = {r["verdict"]["request_id"]: r["verdict"] for c in results["configs"] if c["config"] == "api" for r in c["requests"]}
+    assert api["api-greedy"]["outcome"] == "diverged" and "token_ids[3]" in api["api-greedy"]["detail"], api["api-greedy"]

@@ -206,7 +206,7 @@ BUG_CLASSES = {  # BUGS.md rows the catalogue must cover: the new mutants' and t
     "repeated identical prompts give garbage", "blocks freed before send completes", "unbounded waits",
     "transfer keys differ across instances", "missing KV skipped silently", "garbled output, CUDA streams",
     "layout misread", "harness rot", "silent fallback", "leaks on abort", "uneven polling", "stale instances",
-    "MoE chunk remainder", "send before the layer's KV is written",
+    "MoE chunk remainder", "send before the layer's KV is written", "n > 1 through PD",
 }
 
 

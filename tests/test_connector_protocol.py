@@ -142,6 +142,36 @@ def test_garbage_and_unannounced_bytes_on_a_data_connection_close_it_and_the_ser
     assert torch.equal(client.pull(address, "k", 5), kv())
 
 
+@pytest.mark.parametrize("client_class", ["KVClient", "NoRedialClient"])
+def test_a_peer_restarted_on_the_same_address_is_reached_again_by_the_next_pull(client_class):
+    """The client's connections to a peer outlive the peer: the server stops, a new one starts on
+    the same address (another data port), and the next pull must reach it (the catalogued
+    mutant, reusing the dead data connection, fails that pull)."""
+    from pdcheck.mutants import connector as mutants
+
+    context = zmq.Context()
+    address = f"127.0.0.1:{free_port()}"
+    outbox, inbox = Outbox(hold_s=60), Inbox(capacity_bytes=4096, spill_bytes=4096)
+    client = (KVClient if client_class == "KVClient" else mutants.NoRedialClient)(context)
+    server = KVServer(context, address, outbox, inbox).start()
+    try:
+        outbox.put("old", "r0", to_frame("old", kv(seed=1)))
+        assert torch.equal(client.pull(address, "old", 5), kv(seed=1))
+        server.stop()
+        outbox, inbox = Outbox(hold_s=60), Inbox(capacity_bytes=4096, spill_bytes=4096)
+        server = KVServer(context, address, outbox, inbox).start()
+        outbox.put("new", "r1", to_frame("new", kv(seed=2)))
+        if client_class == "NoRedialClient":
+            with pytest.raises(ProtocolError, match="data connection failed"):
+                client.pull(address, "new", 5)
+            return
+        assert torch.equal(client.pull(address, "new", 5), kv(seed=2))
+    finally:
+        client.close()
+        server.stop()
+        context.term()
+
+
 def test_a_peer_that_dies_mid_payload_fails_the_pull_within_its_deadline():
     """A fake prefill announces 4 KiB, sends half, and closes: the pull ends at once, cleanly."""
     context = zmq.Context()
@@ -197,7 +227,7 @@ def worker_half(mode: str = "get"):
     from pdcheck.connector.config import P2PConfig
     from pdcheck.connector.worker import WorkerHalf
 
-    return WorkerHalf(P2PConfig.from_extra({"port": free_port(), "mode": mode, "deadline_s": 2}))
+    return WorkerHalf(P2PConfig.from_extra({"port": free_port(), "mode": mode, "deadline_s": 2, "share_s": 0.5}))
 
 
 def test_worker_halves_move_a_request_and_refuse_kv_that_does_not_fit():
@@ -231,16 +261,18 @@ def decode_request(request_id: str, key: str, address: str, prompt_len: int = 9)
     from types import SimpleNamespace
 
     params = {"do_remote_prefill": True, "transfer_key": key, "remote_prefill": address}
-    blocks = SimpleNamespace(get_block_ids=lambda: ([int(request_id[-1]) * 3, int(request_id[-1]) * 3 + 1],))
+    first = int(request_id[0]) * 3
+    blocks = SimpleNamespace(get_block_ids=lambda: ([first, first + 1],))
     return SimpleNamespace(request_id=request_id, kv_transfer_params=params, prompt_token_ids=[7] * prompt_len,
                            blocks=blocks)
 
 
-@pytest.mark.parametrize("scheduler", ["SchedulerHalf", "PullPerChildScheduler"])
+@pytest.mark.parametrize("scheduler", ["SchedulerHalf", "PullEveryLoadScheduler"])
 def test_children_of_an_n_gt_1_request_share_one_pull_and_a_late_child_recomputes(scheduler):
-    """Two children carrying one transfer key in a step: both load prefill's KV, pulled once (the
-    catalogued mutant, pulling per child, is refused the second pull). A child in a later step
-    recomputes instead of asking for a key prefill has let go of."""
+    """Three children carrying one transfer key: two in a step, one in the next. All three load
+    prefill's KV, pulled once (the catalogued mutant, pulling per child, is refused the second
+    pull). Once share_s has passed, the worker lets the KV go, and a child after that recomputes
+    instead of asking for a key prefill has let go of."""
     from types import SimpleNamespace
 
     from pdcheck.connector import scheduler as halves
@@ -256,23 +288,31 @@ def test_children_of_an_n_gt_1_request_share_one_pull_and_a_late_child_recompute
             prefill.record_layer(name, cache)
         prefill.save([SaveEntry("prefill-req", "key", [1, 4])])
         half = half_class(decode.config, block_size=4)
-        children = [decode_request(f"child{i}", "key", prefill.config.address) for i in (0, 1)]
-        for child in children:
-            assert half.get_num_new_matched_tokens(child, 0) == (8, False)
-            half.update_state_after_alloc(child, child.blocks, 8)
         output = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
                                  scheduled_cached_reqs=SimpleNamespace(req_ids=[]))
-        _, loads = half.build_connector_meta(output)
-        decode.load(loads, dst)
+
+        def step(*children) -> list[str]:
+            for child in children:
+                assert half.get_num_new_matched_tokens(child, 0) == (8, False)
+                half.update_state_after_alloc(child, child.blocks, 8)
+            _, loads, releases = half.build_connector_meta(output)
+            decode.load(loads, dst, releases)
+            return releases
+
+        children = [decode_request(f"{i}_parent{i}", "key", prefill.config.address) for i in (0, 1, 2)]
+        step(*children[:2])
         errors = decode.take_load_errors()
-        if scheduler == "PullPerChildScheduler":
+        if scheduler == "PullEveryLoadScheduler":
             assert errors == {3, 4}  # the second child's blocks
             return
-        assert errors == set()
+        assert errors == set() and step(children[2]) == [] and decode.take_load_errors() == set()
         for name in src:
-            for first in (0, 3):
+            for first in (0, 3, 6):
                 assert torch.equal(dst[name][first], src[name][1]) and torch.equal(dst[name][first + 1], src[name][4])
-        late = decode_request("child2", "key", prefill.config.address)
+        assert decode.held() == "1 pulled and kept for children" and half.has_pending_frees
+        time.sleep(decode.config.share_s)
+        assert step() == ["key"] and decode.held() == "" and not half.has_pending_frees
+        late = decode_request("3_parent3", "key", prefill.config.address)
         assert half.get_num_new_matched_tokens(late, 0) == (0, False)
     finally:
         prefill.close()

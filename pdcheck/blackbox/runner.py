@@ -3,9 +3,10 @@
 Before any load: both endpoints must answer /v1/models as OpenAI-compatible servers serving the
 same model, prompts are made of the target's token ids (its /tokenize, or --tokenizer), and the
 whole plan must fit the request budget. Then: the oracle is calibrated, each workload phase
-goes to the oracle and the target and is judged request by request, the client faults run
-(an aborted stream, a dropped connection, two prompts under one request id), a probe shows the
-target still serves, and the servers' metrics (--metrics) say whether anything leaked.
+goes to the oracle and the target and is judged request by request, the API cases (n > 1 with
+a seed, sampling options, logprobs, stop strings, chat: pdcheck.workload.api) go to both and are
+compared field by field, the client faults run (an aborted stream, a dropped connection, two
+prompts under one request id), a probe shows the target still serves, and the servers' metrics (--metrics) say whether anything leaked.
 Hooks run at their requests, and every heal runs by the end. Same run folder, verdicts, exit
 codes as a local run.
 """
@@ -21,13 +22,15 @@ from pdcheck import report
 from pdcheck.blackbox.endpoint import Budget, Endpoint, engine_states, local_token_pool
 from pdcheck.blackbox.faults import Hook, Schedule, abort_mid_stream, disconnect
 from pdcheck.blackbox.workload import Phase, phases
-from pdcheck.checker.compare import Outcome, judge
+from pdcheck.checker import api
+from pdcheck.checker.compare import Outcome, Verdict, judge
 from pdcheck.checker.oracle import Calibration, Oracle
 from pdcheck.cluster.messages import GenRequest, GenResult
 from pdcheck.errors import BadInput
 from pdcheck.gate import Checked, completion_kind
 from pdcheck.html_report import write_report
 from pdcheck.store import RunStore
+from pdcheck.workload.api import api_cases, case_names, probe
 
 DEADLINE_S = 120.0
 FAULT_REQUESTS = 5  # target: abort, disconnect, two with one id, the probe
@@ -83,7 +86,8 @@ def planned_cost(plan: list[Phase]) -> int:
     prompt once to the oracle, calibration (the boundary phase again, one at a time), faults."""
     requests = [r for phase in plan for r in phase.requests]
     distinct = {(tuple(r.prompt), r.max_tokens) for r in requests}
-    return len(requests) + len(distinct) + len(plan[0].requests) + FAULT_REQUESTS + 2
+    api_requests = 1 + 2 * len(case_names())  # the probe to the oracle, each case to both
+    return len(requests) + len(distinct) + len(plan[0].requests) + FAULT_REQUESTS + 2 + api_requests
 
 
 def print_plan(console, target, oracle, plan, hooks, cost, args) -> None:
@@ -114,6 +118,7 @@ def judge_run(args, store, console, target, oracle: Oracle, plan, hooks) -> int:
                    for r, got, exp in zip(phase.requests, results, expected)]
         configs.append({"config": phase.name, "calibration": calibration, "requests": checked, "leaks": []})
     hooks.heal_all(history)
+    configs.append(api_phase(target, oracle.instance, calibration, history))
     configs.append(client_faults(target, oracle, plan[0].requests, calibration, args.block_size, history))
     leaked, drained = drain_check(args.metrics or [], history)
     configs[-1].update(leaks=leaked, drained=drained)
@@ -144,6 +149,25 @@ def verdict(config: str, request: GenRequest, got: GenResult, expected: GenResul
                    external_tokens=got.num_cached_tokens if observable else None, tokens=got.token_ids)
     return Checked(config=config, prompt_len=len(request.prompt), verdict=v, external_tokens=got.num_cached_tokens,
                    counted=v.outcome.value)
+
+
+def api_phase(target: Endpoint, oracle: Endpoint, calibration: Calibration, history) -> dict:
+    """Each API case to the oracle and the target, the answers compared field by field (logprobs
+    within the calibrated tolerance, at least api.FLOOR)."""
+    oracle.budget.take()
+    greedy = api.send(oracle.url, probe(oracle.model), DEADLINE_S)
+    if "error" in greedy:
+        raise BadInput(f"oracle {oracle.url} refused a plain completion: {greedy['error']}")
+    checked = []
+    for case in api_cases(oracle.model, greedy):
+        history.record("invoke", config="api", request_id=f"api-{case.name}", body=case.body)
+        target.budget.take(2)
+        outcome, detail = api.compare(case, api.send(oracle.url, case, DEADLINE_S),
+                                      api.send(target.url, case, DEADLINE_S), max(calibration.tolerance, api.FLOOR))
+        v = Verdict(f"api-{case.name}", outcome, calibration.rule, detail=detail)
+        history.record(completion_kind(outcome), config="api", request_id=v.request_id, verdict=v)
+        checked.append(Checked(config="api", prompt_len=0, verdict=v, external_tokens=0, counted=outcome.value))
+    return {"config": "api", "calibration": calibration, "requests": checked, "leaks": []}
 
 
 def client_faults(target: Endpoint, oracle: Oracle, probes: list[GenRequest], calibration, block_size, history) -> dict:

@@ -28,11 +28,16 @@ class Run:
     checked: list[Checked]
     leaked: list[str]
 
-    def failures(self, allowed: tuple[Outcome, ...] = (Outcome.MATCH,)) -> list[str]:
-        """A line per request that ended outside `allowed` (a known defect shown as recorded
-        passes) or is still held after the drain, and one per instance still holding."""
-        bad = [failure_line(c) for c in self.checked
-               if c.leak or not (c.counted == "known" or (not c.known_defect and c.verdict.outcome in allowed))]
+    def failures(self, allowed: tuple[Outcome, ...] = (Outcome.MATCH,),
+                 when_faulted: tuple[Outcome, ...] | None = None) -> list[str]:
+        """A line per request that ended outside `allowed` (`when_faulted`, if given, for the
+        requests of a faulted batch; a known defect shown as recorded passes) or is still held
+        after the drain, and one per instance still holding."""
+        def ok(c: Checked) -> bool:
+            outcomes = when_faulted if c.faulted and when_faulted is not None else allowed
+            return c.counted == "known" or (not c.known_defect and c.verdict.outcome in outcomes)
+
+        bad = [failure_line(c) for c in self.checked if c.leak or not ok(c)]
         return bad + [f"leak after drain: {leak}" for leak in self.leaked]
 
 
@@ -82,7 +87,8 @@ def replay_line(request, spec: EngineSpec) -> str:
     return "replay: " + shlex.join(parts)
 
 
-def verdict(run: Run, request, spec: EngineSpec, allowed: tuple[Outcome, ...] = (Outcome.MATCH,)) -> str:
+def verdict(run: Run, request, spec: EngineSpec, allowed: tuple[Outcome, ...] = (Outcome.MATCH,),
+            when_faulted: tuple[Outcome, ...] | None = None) -> str:
     """The failure message for `run` (empty when it passed), ending with the replay line."""
-    bad = run.failures(allowed)
+    bad = run.failures(allowed, when_faulted)
     return "\n".join([*bad, replay_line(request, spec)]) if bad else ""

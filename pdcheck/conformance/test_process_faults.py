@@ -2,7 +2,8 @@
 
 A paused prefill meets decode's load with a silent peer; a paused decode starts late; a killed
 prefill never answers, and is restarted before the next request (which must not get KV from
-the old incarnation). A faulted request ends with the oracle's tokens, or as a clean error, or
+the old incarnation); a restarted prefill (killed, then started again on the same address before
+decode's leg) answers decode's load as a new incarnation that never had the KV. A faulted request ends with the oracle's tokens, or as a clean error, or
 recomputed where the profile promises recompute; never diverged, hung or held. Every request
 after it must match."""
 
@@ -11,11 +12,9 @@ from __future__ import annotations
 import pytest
 
 from pdcheck.checker.compare import Outcome
-from pdcheck.conformance.battery import prompts, run
-from pdcheck.conformance.battery import replay_line
+from pdcheck.conformance.battery import prompts, run, verdict
 from pdcheck.nemesis.schedule import Planned
 from pdcheck.profiles import FailureClass, OnPrefillLoss
-from pdcheck.report import failure_line
 
 FAILURE_CLASS = FailureClass.PROCESS_FAULTS
 LENGTHS = [65, 95, 129]
@@ -23,6 +22,7 @@ FAULTS = {
     "prefill-paused": Planned(1, "prefill", 2.5),
     "decode-paused": Planned(1, "decode", 2.5),
     "prefill-killed": Planned(1, "kill", 0.0),
+    "prefill-restarted": Planned(1, "restart", 0.0),
 }
 
 
@@ -31,8 +31,6 @@ FAULTS = {
 def test_faulted_request_ends_cleanly_and_the_next_ones_match(fault, spec, pd_pool, pd_history, request):
     result = run(pd_pool, pd_history, spec, prompts(spec, LENGTHS, fault), faults=[FAULTS[fault]])
     recompute = spec.connector.profile.on_prefill_loss is OnPrefillLoss.RECOMPUTE
-    allowed = {Outcome.MATCH, Outcome.ERROR} | ({Outcome.FALLBACK, Outcome.PARTIAL} if recompute else set())
-    bad = [failure_line(c) for c in result.checked
-           if c.leak or c.verdict.outcome not in (allowed if c.faulted else {Outcome.MATCH})]
-    bad += [f"leak after drain: {leak}" for leak in result.leaked]
-    assert not bad, "\n".join([*bad, replay_line(request, spec)])
+    faulted = (Outcome.MATCH, Outcome.ERROR) + ((Outcome.FALLBACK, Outcome.PARTIAL) if recompute else ())
+    message = verdict(result, request, spec, when_faulted=faulted)
+    assert not message, message

@@ -3,18 +3,25 @@ prefill and one decode instance) behind pdcheck's proxy, beside a served single-
 oracle. The block-boundary workload goes through the proxy over HTTP, whole and streamed: each
 must match the oracle with its KV loaded, and nothing may be held after the drain. What the
 in-process classes cannot see shows here: the server's own request handling, the proxy's
-join of the legs, and the connector's settings as `vllm serve` passes them."""
+join of the legs, and the connector's settings as `vllm serve` passes them.
+
+API fidelity is judged here too: one request per sampling or output option (n > 1 with a seed,
+sampling options, logprobs, prompt logprobs, echo, stop strings and token ids, max_tokens 1,
+min_tokens, streaming with usage, chat), whose answer through PD must equal the oracle's field by
+field, finish_reason and usage included, with the prompt's KV loaded."""
 
 from __future__ import annotations
 
 import pytest
 
+from pdcheck.checker.api import compare, send
 from pdcheck.checker.compare import judge
 from pdcheck.checker.oracle import Oracle
 from pdcheck.client import complete
-from pdcheck.conformance.battery import DEADLINE_S, MAX_TOKENS, SEED, Run, drain_s, verdict
+from pdcheck.conformance.battery import DEADLINE_S, MAX_TOKENS, SEED, Run, drain_s, replay_line, verdict
 from pdcheck.gate import Checked, check, expected_external, leaks
 from pdcheck.profiles import FailureClass
+from pdcheck.workload.api import api_cases, case_names, probe
 from pdcheck.workload.boundary import boundary_workload
 
 FAILURE_CLASS = FailureClass.SERVED
@@ -41,4 +48,40 @@ def test_through_the_proxy_whole_and_streamed_match(served, spec, pd_history, re
         checked.append(Checked(config=f"{spec.label} streamed", prompt_len=len(sent.prompt), verdict=judged,
                                external_tokens=streamed.num_cached_tokens))
     result = Run(checked, leaks(served, pd_history, timeout_s=drain_s(spec), checked=checked))
+    assert not verdict(result, request, spec), verdict(result, request, spec)
+
+
+API_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # logprobs: PD's last prompt token is computed apart
+
+
+@pytest.fixture(scope="module")
+def cases(served, spec):
+    greedy = send(served.oracle.url, probe(spec.model.name))
+    assert "error" not in greedy, f"the oracle refused the probe: {greedy}"
+    return {case.name: case for case in api_cases(spec.model.name, greedy)}
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", case_names())
+def test_api_option_through_pd_equals_the_oracle_field_by_field(name, served, cases, spec, request):
+    case = cases[name]
+    expected, got = send(served.oracle.url, case), send(served.proxy.url, case)
+    failure = compare(case, expected, got, API_TOLERANCE[spec.dtype])[1] or kv_not_loaded(case, got, spec)
+    assert not failure, "\n".join([failure, replay_line(request, spec)])
+
+
+def kv_not_loaded(case, answer: dict, spec) -> str:
+    """"" when decode reports the prompt's KV loaded (cached tokens), where it reports them and
+    vLLM loads KV for the case at all."""
+    usage = answer.get("usage") or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    want = expected_external(spec, usage.get("prompt_tokens", 0))
+    if cached is None or cached >= want or not case.loads:
+        return ""
+    return f"{case.name}: fallback: decode loaded {cached} prompt tokens of the {want} due (usage.prompt_tokens_details)"
+
+
+@pytest.mark.vllm
+def test_nothing_is_held_after_the_api_cases(served, cases, spec, pd_history, request):
+    result = Run([], leaks(served, pd_history, timeout_s=drain_s(spec)))
     assert not verdict(result, request, spec), verdict(result, request, spec)

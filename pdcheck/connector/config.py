@@ -1,7 +1,8 @@
 """The reference connector's settings, read from vLLM's kv_connector_extra_config.
 
 Keys: port (required), host, mode (get | put | put_async), plane (tcp | nccl), layout, deadline_s,
-hold_s, buffer_bytes, spill_bytes, stats_path (a file for the transfer log; none by default). Bad
+hold_s, share_s (how long decode keeps a pulled KV for the other children of an n>1 request),
+buffer_bytes, spill_bytes, stats_path (a file for the transfer log; none by default). Bad
 values raise ValueError naming the key and the value.
 """
 
@@ -34,6 +35,7 @@ class P2PConfig:
     layout: KVLayout = KVLayout.BLOCKS_FIRST
     deadline_s: float = 10.0
     hold_s: float = 120.0
+    share_s: float = 2.0
     buffer_bytes: int = 64 << 20
     spill_bytes: int = 64 << 20
     stats_path: str | None = None
@@ -43,7 +45,7 @@ class P2PConfig:
             raise ValueError(f"port {self.port!r}: expected 1-65535")
         if not isinstance(self.plane, Plane):
             raise ValueError(f"plane {self.plane!r}: expected one of {[p.value for p in Plane]}")
-        for name in ("deadline_s", "hold_s"):
+        for name in ("deadline_s", "hold_s", "share_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} {getattr(self, name)!r}: must be positive")
         for name in ("buffer_bytes", "spill_bytes"):
@@ -78,7 +80,7 @@ def convert(key: str, raw: Any):
             return KVLayout(raw)
         if key in ("port", "buffer_bytes", "spill_bytes"):
             return int(raw)
-        if key in ("deadline_s", "hold_s"):
+        if key in ("deadline_s", "hold_s", "share_s"):
             return float(raw)
         return str(raw)
     except (ValueError, TypeError):  # TypeError: a JSON list or object where a number belongs

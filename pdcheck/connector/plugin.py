@@ -28,6 +28,7 @@ from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf
 class P2PMetadata(KVConnectorMetadata):
     saves: list[SaveEntry]
     loads: list[LoadEntry]
+    releases: list[str]  # keys kept for the children of an n>1 request, no longer needed
 
 
 class P2PConnector(KVConnectorBase_V1):
@@ -50,8 +51,8 @@ class P2PConnector(KVConnectorBase_V1):
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
-        saves, loads = self.scheduler.build_connector_meta(scheduler_output)
-        return P2PMetadata(saves=saves, loads=loads)
+        saves, loads, releases = self.scheduler.build_connector_meta(scheduler_output)
+        return P2PMetadata(saves=saves, loads=loads, releases=releases)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
@@ -64,11 +65,11 @@ class P2PConnector(KVConnectorBase_V1):
 
     # -- worker side -----------------------------------------------------------------------
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        loads = self._get_connector_metadata().loads
-        if loads:
+        meta = self._get_connector_metadata()
+        if meta.loads or meta.releases:
             layers = {name: layer.kv_cache for name, layer in forward_context.no_compile_layers.items()
                       if getattr(layer, "kv_cache", None) is not None}
-            self.worker.load(loads, layers)
+            self.worker.load(meta.loads, layers, meta.releases)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None

@@ -10,16 +10,18 @@ Transfer parameters (`kv_transfer_params`):
 The transfer key is a fresh uuid per prefill request (or one the caller put in the params),
 never an engine-local request id, so identical prompts never share a key.
 
-Prefill serves a key once. Decode's children of an n>1 request all carry their parent's
-transfer parameters, so one key: children scheduled in the same step share one pull (the first
-pulls, the others copy it); a request whose key this instance already pulled in an earlier step
-(a late child, or parameters replayed) recomputes its prompt rather than pull a key prefill has
-let go of.
+Prefill serves a key once. Decode's children of an n>1 request (vLLM names them
+`<index>_<parent id>`) all carry their parent's transfer parameters, so one key: the first child
+to be scheduled pulls it, and the worker keeps what it pulled for share_s, so the children
+scheduled after it (usually a step later: they reach the engine one by one) copy it instead. A
+request whose key this instance pulled and no longer keeps (parameters replayed, a child later
+than share_s) recomputes its prompt rather than ask prefill for a key it has let go of.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 
@@ -27,6 +29,8 @@ import msgspec
 
 from pdcheck.connector.config import P2PConfig
 from pdcheck.connector.worker import LoadEntry, SaveEntry
+
+CHILD = re.compile(r"\d+_")  # vLLM's id for a child of an n>1 request: <index>_<parent id>
 
 
 class PendingSave(msgspec.Struct):
@@ -46,6 +50,7 @@ class SchedulerHalf:
         self.delayed: set[str] = set()  # finished requests whose blocks wait for their send
         self.loaded: set[str] = set()  # decode requests whose KV was loaded: a transfer is pulled once
         self.pulled: dict[str, float] = {}  # transfer key -> when this instance pulled it (kept for hold_s)
+        self.kept: dict[str, float] = {}  # keys whose KV the worker keeps for children -> since when
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params or {}
@@ -69,10 +74,12 @@ class SchedulerHalf:
         return (request.kv_transfer_params or {}).get("transfer_key") or uuid.uuid4().hex
 
     def was_pulled(self, params: dict) -> bool:
-        """True if an earlier step of this instance pulled the key these parameters name."""
+        """True if an earlier step of this instance pulled the key these parameters name and the
+        worker no longer keeps it."""
         expired = time.monotonic() - self.config.hold_s  # prefill has let go of it by now anyway
         self.pulled = {key: at for key, at in self.pulled.items() if at > expired}
-        return params.get("transfer_key") in self.pulled
+        key = params.get("transfer_key")
+        return key in self.pulled and key not in self.kept
 
     def load_key(self, request) -> str:
         """The key decode loads by: the one prefill returned in the transfer parameters."""
@@ -91,8 +98,9 @@ class SchedulerHalf:
             block_ids=block_ids[first:end], remote=params["remote_prefill"], first_block=first,
         )
 
-    def build_connector_meta(self, scheduler_output) -> tuple[list[SaveEntry], list[LoadEntry]]:
-        """This step's saves (prompts it completes) and loads (allocated since the last step)."""
+    def build_connector_meta(self, scheduler_output) -> tuple[list[SaveEntry], list[LoadEntry], list[str]]:
+        """This step's saves (prompts it completes), loads (allocated since the last step) and
+        the keys the worker may stop keeping."""
         loads, self.loads = self.share_pulls(list(self.loads.values())), {}
         progress = [(new.req_id, new.block_ids[0], new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
@@ -100,17 +108,28 @@ class SchedulerHalf:
             new_blocks = cached.new_block_ids[i]
             progress.append((req_id, new_blocks[0] if new_blocks else [], cached.num_computed_tokens[i]))
         saves = [save for p in progress if (save := self.advance(*p, scheduler_output.num_scheduled_tokens))]
-        return saves, loads
+        return saves, loads, self.releases()
 
     def share_pulls(self, loads: list[LoadEntry]) -> list[LoadEntry]:
-        """The first load of each key pulls it; the others in this step (children of one n>1
-        request) copy what it pulled. Each key is remembered as pulled."""
-        pulls, shared = set(), []
+        """The first load of each key pulls it, and a child's pull is kept for its siblings; a
+        load of a key already pulled (this step, or kept from an earlier one) copies that."""
+        now, shared = time.monotonic(), []
         for entry in loads:
-            shared.append(msgspec.structs.replace(entry, shared=entry.transfer_key in pulls))
-            pulls.add(entry.transfer_key)
-        self.pulled.update(dict.fromkeys(pulls, time.monotonic()))
+            key = entry.transfer_key
+            keep = bool(CHILD.match(entry.request_id)) and key not in self.pulled
+            shared.append(msgspec.structs.replace(entry, shared=key in self.pulled, keep=keep))
+            self.pulled[key] = self.pulled.get(key, now)
+            if keep:
+                self.kept[key] = now
         return shared
+
+    def releases(self) -> list[str]:
+        """Kept keys past their share_s: the worker drops them."""
+        expired = time.monotonic() - self.config.share_s
+        gone = [key for key, at in self.kept.items() if at <= expired]
+        for key in gone:
+            del self.kept[key]
+        return gone
 
     def advance(self, req_id: str, new_block_ids, num_computed: int, num_scheduled: dict) -> SaveEntry | None:
         """Track a prefill request's blocks; its SaveEntry in the step that completes its prompt."""
@@ -141,5 +160,6 @@ class SchedulerHalf:
 
     @property
     def has_pending_frees(self) -> bool:
-        """True while blocks wait for sends: the engine must keep stepping to learn of them."""
-        return bool(self.delayed)
+        """True while blocks wait for sends, or the worker keeps KV for children: the engine
+        must keep stepping to learn of the sends and to release what it keeps."""
+        return bool(self.delayed or self.kept)

@@ -254,7 +254,7 @@ class KVClient:
         """Run one transfer by its deadline. On any failure both connections to the peer are
         dropped (a late or partial answer must not be read as the next transfer's)."""
         try:
-            return body(stream.clock() + deadline_s)
+            return self.attempt(address, stream.clock() + deadline_s, body)
         except TimeoutError:
             self.drop(address)
             raise TimeoutError(f"{key} with {address}: no answer within {deadline_s}s") from None
@@ -266,6 +266,20 @@ class KVClient:
         except ProtocolError:
             self.drop(address)
             raise
+
+    def attempt(self, address: str, deadline_at: float, body):
+        """The transfer; if the peer has closed a data connection made for an earlier transfer
+        (it restarted on the same address), shake hands and dial again, once, within the same
+        deadline. A connection made for this transfer that fails is not tried again."""
+        reused = address in self.data
+        try:
+            return body(deadline_at)
+        except ConnectionError as e:
+            if not reused:
+                raise
+            log.info("data connection to %s lost (%s): connecting again", address, e)
+            self.drop(address)
+            return body(deadline_at)
 
     # -- seams (pdcheck.nemesis.transport and pdcheck.mutants override these) -------------------
     def unpack(self, header: Blocks, data: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,8 @@ class SaveEntry(msgspec.Struct, frozen=True):
 
 class LoadEntry(msgspec.Struct, frozen=True):
     """Load the prompt's blocks first_block.. (those before are local prefix-cache hits) into
-    `block_ids`. `shared`: an earlier entry of the same step pulls this key; copy its KV."""
+    `block_ids`. `shared`: this key was pulled already (by an earlier entry of the step, or
+    kept from an earlier step): copy that KV. `keep`: keep what this pull brings until released."""
 
     request_id: str
     transfer_key: str
@@ -47,6 +48,7 @@ class LoadEntry(msgspec.Struct, frozen=True):
     remote: str  # prefill's address
     first_block: int = 0
     shared: bool = False
+    keep: bool = False
 
 
 def check_fits(entry: LoadEntry, data: torch.Tensor, layers: dict[str, torch.Tensor], layout) -> None:
@@ -72,6 +74,7 @@ class WorkerHalf:
         self.log = TransferLog(config.stats_path)
         self.layers: dict[str, torch.Tensor] = {}
         self.load_errors: set[int] = set()
+        self.kept: dict[str, torch.Tensor] = {}  # pulled KV kept for the children of an n>1 request
         self.sent: set[str] = set()
         self.finished_by_scheduler: set[str] = set()
         self.lock = threading.Lock()
@@ -114,12 +117,15 @@ class WorkerHalf:
             self.push(*item)
 
     # -- load (decode) -------------------------------------------------------------------
-    def load(self, entries: list[LoadEntry], layers: dict[str, torch.Tensor]) -> None:
-        fetched: dict[str, torch.Tensor] = {}  # this step's pulls, for the entries sharing them
+    def load(self, entries: list[LoadEntry], layers: dict[str, torch.Tensor], releases: list[str] = ()) -> None:
+        """Load each entry; then stop keeping the released keys."""
+        fetched = dict(self.kept)  # this step's pulls and the kept ones, for the entries sharing them
         for entry in entries:
             started = time.monotonic()
             try:
                 data = fetched[entry.transfer_key] = self.fetch(entry, fetched)
+                if entry.keep:
+                    self.kept[entry.transfer_key] = data
                 check_fits(entry, data, layers, self.config.layout)
                 for i, name in enumerate(sorted(layers)):
                     blocks = data[i, entry.first_block : entry.first_block + len(entry.block_ids)]
@@ -129,6 +135,8 @@ class WorkerHalf:
             else:
                 self.log.record(TransferRecord(entry.transfer_key, "load", len(entry.block_ids), data.nbytes,
                                                time.monotonic() - started))
+        for key in releases:
+            self.kept.pop(key, None)
 
     def load_failed(self, entry: LoadEntry, error: Exception) -> None:
         """Report the blocks, so vLLM fails or recomputes the request: never decode on them."""
@@ -139,7 +147,7 @@ class WorkerHalf:
     def fetch(self, entry: LoadEntry, fetched: dict[str, torch.Tensor]) -> torch.Tensor:
         if entry.shared:
             if entry.transfer_key not in fetched:
-                raise ProtocolError(f"{entry.transfer_key}: the load this one shares failed")
+                raise ProtocolError(f"{entry.transfer_key}: the pull this load shares failed")
             return fetched[entry.transfer_key]
         if self.config.mode is Mode.GET:
             return self.plane.pull(entry.remote, entry.transfer_key)
@@ -164,6 +172,8 @@ class WorkerHalf:
             held.append(f"{staged} staged for a pull")
         if received := self.plane.inbox.used_bytes:
             held.append(f"{received} bytes received and not loaded")
+        if self.kept:
+            held.append(f"{len(self.kept)} pulled and kept for children")
         return ", ".join(held)
 
     def take_load_errors(self) -> set[int]:

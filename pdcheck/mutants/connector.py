@@ -19,11 +19,13 @@ import hashlib
 import msgspec
 import torch
 
+from pdcheck.connector.buffers import Outbox
 from pdcheck.connector.config import Mode
 from pdcheck.connector.layouts import extract, inject
 from pdcheck.connector.plugin import P2PConnector
 from pdcheck.connector.scheduler import SchedulerHalf
 from pdcheck.connector.stats import TransferRecord
+from pdcheck.connector.tcp import KVClient, to_frame
 from pdcheck.connector.worker import WorkerHalf, log
 from pdcheck.nemesis.transport import Fault, FaultyClient
 
@@ -57,12 +59,12 @@ class PromptKeys(P2PConnector):
     scheduler_class = PromptKeyScheduler
 
 
-class PullPerChildScheduler(SchedulerHalf):
+class PullEveryLoadScheduler(SchedulerHalf):
     def was_pulled(self, params) -> bool:
         return False
 
     def share_pulls(self, loads):
-        return loads  # BUG: every child of an n>1 request pulls the key prefill serves once
+        return loads  # BUG: every load pulls its key, though prefill serves a key once
 
 
 class PullPerChild(P2PConnector):
@@ -70,7 +72,96 @@ class PullPerChild(P2PConnector):
     consumes it, prefill refuses the others ("unknown transfer key"), and vLLM fails the
     request. The reference connector's behaviour before children shared one pull."""
 
-    scheduler_class = PullPerChildScheduler
+    scheduler_class = PullEveryLoadScheduler
+
+
+class ReplayingOutbox(Outbox):
+    def peek(self, key: str):
+        return super().peek(key) or self.reread(key)
+
+    def take(self, key: str):
+        return super().take(key) or self.reread(key)  # BUG: a consumed key is served again
+
+
+class ServeReplaysWorker(WorkerHalf):
+    def make_plane(self, client_factory):
+        plane = super().make_plane(client_factory)
+        self.saved: dict[str, list[int]] = {}
+        plane.outbox.__class__ = ReplayingOutbox  # the server already holds this outbox: change it in place
+        plane.outbox.reread = self.reread
+        return plane
+
+    def save(self, entries) -> None:
+        super().save(entries)
+        self.saved.update({entry.transfer_key: entry.block_ids for entry in entries})
+
+    def reread(self, key: str):
+        """The KV of a consumed key, read now from the blocks its request had."""
+        if key not in self.saved:
+            return None
+        data = torch.stack([extract(self.layers[n], self.config.layout, self.saved[key]) for n in sorted(self.layers)])
+        return to_frame(key, data)
+
+
+class ServeReplays(P2PConnector):
+    """Transfer handles that never expire, as a connector reading prefill's blocks by id does:
+    decode pulls whatever key it is given, and prefill answers a consumed key from the blocks its
+    request had, freed since and reused by other prompts. Replayed transfer parameters decode
+    from another request's KV."""
+
+    scheduler_class = PullEveryLoadScheduler
+    worker_class = ServeReplaysWorker
+
+
+class LastBlockFailedWorker(WorkerHalf):
+    def load_failed(self, entry, error) -> None:
+        log.error("load of %s failed: %s", entry.transfer_key, error)
+        self.load_errors.update(entry.block_ids[-1:])  # BUG: the blocks before the last are taken as loaded
+
+
+class LastBlockFailed(P2PConnector):
+    """A failed load reports only its last block: vLLM's recompute policy recomputes from there
+    and keeps the blocks before it, which the load never wrote (the class of vLLM #49250: the
+    recompute path reusing blocks a failed load left), and prefix caching serves them to the
+    next identical prompt."""
+
+    worker_class = LastBlockFailedWorker
+
+
+class NoRedialClient(KVClient):
+    def attempt(self, address, deadline_at, body):
+        return body(deadline_at)  # BUG: a data connection to a peer that restarted since is used as it is
+
+
+class NoRedialWorker(WorkerHalf):
+    def __init__(self, config, client_factory=None):
+        super().__init__(config, client_factory or NoRedialClient)
+
+
+class NoRedial(P2PConnector):
+    """Decode keeps its connections to a prefill that was restarted on the same address: the
+    first transfer after the restart fails on the dead data connection (the class of stale
+    bootstrap ports, SGLang #36029, and stale peer metadata, NIXL #1905)."""
+
+    worker_class = NoRedialWorker
+
+
+class ReshapeToFitWorker(WorkerHalf):
+    def load(self, entries, layers, releases=()) -> None:
+        self.block_shape = list(extract(layers[min(layers)], self.config.layout, [0]).shape[1:])
+        super().load(entries, layers, releases)
+
+    def fetch(self, entry, fetched):
+        data = super().fetch(entry, fetched)
+        return data.reshape(data.shape[0], -1, *self.block_shape)  # BUG: KV of another block size read as this one's
+
+
+class ReshapeToFit(P2PConnector):
+    """KV from a prefill of another block size is reshaped into this cache's blocks instead of
+    refused (P/D asymmetry: block size 128 against 16, vLLM #42895): heads and token slots are
+    read in the wrong places."""
+
+    worker_class = ReshapeToFitWorker
 
 
 class SkipMissingWorker(WorkerHalf):
@@ -86,8 +177,8 @@ class SkipMissingKV(P2PConnector):
 
 
 class CorruptOnLoadWorker(WorkerHalf):
-    def load(self, entries, layers) -> None:
-        super().load(entries, layers)
+    def load(self, entries, layers, releases=()) -> None:
+        super().load(entries, layers, releases)
         for entry in entries:
             for cache in layers.values():
                 first = entry.block_ids[:1]

@@ -8,7 +8,12 @@ in the history.
 - "abort": the client abandons the batch between the legs: decode never hears of it, and
   prefill must still free what it holds for it (a point fault: inject and heal at once);
 - "kill": the batch's prefill instance is killed (SIGKILL) between the legs, so decode's load
-  meets a dead peer; its deployment restarts it before its next batch (its heal).
+  meets a dead peer; its deployment restarts it before its next batch (its heal);
+- "restart": the batch's prefill instance is killed between the legs and started again on the
+  same address before decode's leg is sent: decode meets a new incarnation that never had the
+  request's KV (a peer restarted under stale metadata);
+- "late": the client sends the decode leg `seconds` after prefill answered (a backlogged decode,
+  a slow client): past the connector's hold or lease, prefill has let go of the KV.
 A pause lasts `seconds`; a timer thread heals it (SIGCONT) when its time is up, whatever the
 batch is doing; `heal_all` heals anything still injected (the final heal, also on failure).
 A request whose batch had a fault may end as a clean error (or a recompute, if the connector's
@@ -22,6 +27,7 @@ import os
 import random
 import signal
 import threading
+import time
 
 import msgspec
 
@@ -31,8 +37,8 @@ KINDS = (*PAUSES, "abort")  # what `plan` draws from; "kill" is asked for by nam
 
 class Planned(msgspec.Struct, frozen=True):
     batch: int
-    target: str  # "prefill" or "decode": which instance of the batch's pair is paused; or "abort"
-    seconds: float  # how long a pause lasts (an abort has no window: 0)
+    target: str  # "prefill" or "decode": which instance of the batch's pair is paused; or "abort", "kill", "late"
+    seconds: float  # how long a pause, or a late decode leg's wait, lasts (an abort has no window: 0)
 
 
 def plan(seed: int, num_batches: int, rate: float = 0.3, longest_s: float = 2.5,
@@ -66,11 +72,19 @@ class Nemesis:
             for phase in ("inject", "heal"):
                 self.history.record("note", fault="abort", phase=phase, batch=batch, instance=prefill.name)
             return True
-        if fault.target == "kill":
+        if fault.target == "late":
+            self.history.record("note", fault="late", phase="inject", batch=batch, seconds=fault.seconds)
+            time.sleep(fault.seconds)
+            self.history.record("note", fault="late", phase="heal", batch=batch)
+            return False
+        if fault.target in ("kill", "restart"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(prefill.process.pid, signal.SIGKILL)
             prefill.process.join(30)  # gone before decode's leg, so it is restarted before its next batch
             self.history.record("note", fault="kill", phase="inject", batch=batch, instance=prefill.name)
+            if fault.target == "restart":
+                prefill.restart()
+                self.history.record("note", fault="kill", phase="heal", batch=batch, instance=prefill.name)
             return False
         self.inject(prefill if fault.target == "prefill" else decode, fault)
         return False
