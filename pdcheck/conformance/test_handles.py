@@ -17,7 +17,7 @@ import pytest
 from pdcheck.checker.compare import Outcome, judge
 from pdcheck.conformance.battery import DEADLINE_S, prompts, replay_line, run, verdict
 from pdcheck.nemesis.schedule import Planned
-from pdcheck.pd import decode_request, run_pd
+from pdcheck.pd import decode_request, join, run_pd
 from pdcheck.profiles import FailureClass
 
 FAILURE_CLASS = FailureClass.HANDLES
@@ -52,7 +52,7 @@ def test_replayed_transfer_params_are_refused_or_recomputed(spec, pd_pool, pd_hi
     fillers = run(pd_pool, pd_history, prefill_spec, others, decode_spec=spec)
     again = msgspec.structs.replace(decode_request(first, done.prefill, spec.connector),
                                     request_id=f"{first.request_id}-again")
-    replayed = decode.generate([again], DEADLINE_S)[0]
+    replayed = join(done.prefill, decode.generate([again], DEADLINE_S)[0], spec.connector)
     lines = []
     for name, got, allowed in (("first", done.result, {Outcome.MATCH}),
                                ("replayed", replayed, {Outcome.MATCH, Outcome.ERROR})):
