@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The GPU tier in one call, on a machine with CUDA GPUs:
+#     bash scripts/gpu_tier.sh [tests] [bench] [sanitizer]     (no step named: all three)
 #   1. installs the carried wheels in .whl/ (pyzmq, msgspec) into $PDCHECK_SITE when they are
 #      not importable already, and puts them and the repository on PYTHONPATH;
-#   2. runs the tests marked gpu or multi_gpu in tests/ and suites/ (those needing vLLM, or more
-#      GPUs than the machine has, skip with their reason);
-#   3. runs the NCCL benchmark (python -m pdcheck.bench_nccl) when there are 2 GPUs;
-#   4. with PDCHECK_SANITIZER=memcheck,racecheck,synccheck (any of them), reruns reference-connector
-#      tests ($PDCHECK_SANITIZER_TESTS, one short race by default; never the mutants) under
+#   2. tests: runs the tests marked gpu or multi_gpu in tests/ and suites/ (those needing vLLM, or
+#      more GPUs than the machine has, skip with their reason). The NCCL tests put their ranks on
+#      GPUs of their own where there are enough, else on shared GPUs over NCCL's socket transport
+#      (pdcheck.bench_nccl.place), so on a machine of one GPU they run too;
+#   3. bench: runs the NCCL benchmark (python -m pdcheck.bench_nccl $PDCHECK_BENCH_ARGS; on one GPU
+#      by default with fewer requests, as it then times loopback sockets, not NVLink);
+#   4. sanitizer: with PDCHECK_SANITIZER=memcheck,racecheck,synccheck (any of them), reruns reference-connector
+#      tests ($PDCHECK_SANITIZER_TESTS, by default one short race and the worker halves' GET path in
+#      vLLM's layouts; never the mutants) under
 #      `compute-sanitizer --tool T --target-processes all --error-exitcode 1`, the tools side by
 #      side, each within $PDCHECK_SANITIZER_TIMEOUT s. Host API error codes are not reported
 #      (NCCL and torch probe the driver), and racecheck skips the kernels named by
@@ -15,8 +20,8 @@
 #      other report, a missing summary or a test that does not pass fails the tier. Report counts
 #      go to the summary, the logs to sanitizer.log.
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0). Logs, gpu-junit.xml, bench.json and
-# summary.txt (and sanitizer.log) go to $OUT when it is set, else to runs/gpu-tier. Exits non-zero
-# on any failure.
+# summary.txt (and sanitizer.log) of the steps run go to $OUT when it is set, else to
+# runs/gpu-tier. Exits non-zero on any failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -24,9 +29,15 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 PY=${PYTHON:-python3}
 out=${OUT:-runs/gpu-tier}
 reference_race=tests/test_stream_races.py::test_reference_connector_verifies_every_transfer_under_stream_races
-SANITIZER_TESTS=${PDCHECK_SANITIZER_TESTS:-"$reference_race[compute_stall]"}
+plugin_path=tests/test_nccl_plane.py::test_requests_arrive_bitwise_exact_in_vllm_and_native_layouts_and_the_log_shows_each_transfer
+SANITIZER_TESTS=${PDCHECK_SANITIZER_TESTS:-"$reference_race[compute_stall] $plugin_path[get-vllm]"}
 RACECHECK_EXCLUDE=${PDCHECK_RACECHECK_EXCLUDE-kns=ncclDevKernel}
 mkdir -p "$out" runs
+steps=" ${*:-tests bench sanitizer} "
+for step in $steps; do
+    case $step in tests | bench | sanitizer) ;; *) echo "gpu_tier: unknown step $step (tests, bench, sanitizer)" >&2; exit 2 ;; esac
+done
+runs() { [[ $steps == *" $1 "* ]]; }
 
 install_wheels() {
     "$PY" -c "import zmq, msgspec" 2>/dev/null && return 0
@@ -94,7 +105,7 @@ exclusion() {  # $1: tool; the sanitizer's option that skips kernels, where this
 sanitize() {  # $1: tool; the reference tests under it, logged to runs/sanitizer-$1.log
     set -f  # test ids hold brackets; this runs in its own subshell
     # shellcheck disable=SC2046,SC2086
-    timeout -k 10 "${PDCHECK_SANITIZER_TIMEOUT:-150}" "$sanitizer" --tool "$1" --target-processes all \
+    timeout -k 10 "${PDCHECK_SANITIZER_TIMEOUT:-240}" "$sanitizer" --tool "$1" --target-processes all \
         --error-exitcode 1 --report-api-errors no $(exclusion "$1") "$PY" -m pytest -p no:cacheprovider $(plugin_args) \
         -o timeout=0 -q -rs --basetemp="runs/pytest-$1" $SANITIZER_TESTS >"runs/sanitizer-$1.log" 2>&1
 }
@@ -136,26 +147,34 @@ gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_
 "$PY" -c "import torch; from pdcheck.connector.nccl_lib import find_library as f; print('torch', torch.__version__, \
 '| GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], '| NCCL:', f())" \
     2>&1 | tee "$out/env.txt"
+pairing=$("$PY" -c "from pdcheck.bench_nccl import pairing; print(pairing())" 2>&1)
 
-# shellcheck disable=SC2046
-timeout -k 10 "${PDCHECK_TEST_TIMEOUT:-420}" "$PY" -m pytest -p no:cacheprovider $(plugin_args) -o timeout=300 \
-    -m "gpu or multi_gpu" -rs --basetemp=runs/pytest-gpu --junitxml="$out/gpu-junit.xml" tests suites \
-    2>&1 | tee "$out/pytest.log"
-tests_rc=${PIPESTATUS[0]}
+tests_rc=0
+if runs tests; then
+    # shellcheck disable=SC2046
+    timeout -k 10 "${PDCHECK_TEST_TIMEOUT:-540}" "$PY" -m pytest -p no:cacheprovider $(plugin_args) -o timeout=300 \
+        -m "gpu or multi_gpu" -rs --basetemp=runs/pytest-gpu --junitxml="$out/gpu-junit.xml" tests suites \
+        2>&1 | tee "$out/pytest.log"
+    tests_rc=${PIPESTATUS[0]}
+fi
 
 bench_rc=0
-if [ "$gpus" -ge 2 ]; then
-    timeout -k 10 "${PDCHECK_BENCH_TIMEOUT:-240}" "$PY" -m pdcheck.bench_nccl --json "$out/bench.json" 2>&1 \
-        | tee "$out/bench.log"
+if ! runs bench; then
+    :
+elif [ "$gpus" -ge 1 ]; then
+    [ "$gpus" -ge 2 ] && default_bench_args="" || default_bench_args="--warmup 2 --repeat 5"
+    # shellcheck disable=SC2086
+    timeout -k 10 "${PDCHECK_BENCH_TIMEOUT:-300}" "$PY" -m pdcheck.bench_nccl ${PDCHECK_BENCH_ARGS-$default_bench_args} \
+        --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
     bench_rc=${PIPESTATUS[0]}
 else
-    echo "gpu_tier: bench skipped: needs 2 CUDA GPUs, found $gpus" | tee "$out/bench.log"
+    echo "gpu_tier: bench skipped: needs a CUDA GPU, found none" | tee "$out/bench.log"
 fi
 
 sanitizer_rc=0
-if [ -n "${PDCHECK_SANITIZER:-}" ]; then
-    if [ "$gpus" -lt 2 ]; then
-        echo "sanitizer skipped: the reference tests need 2 CUDA GPUs, found $gpus" >runs/sanitizer.txt
+if [ -n "${PDCHECK_SANITIZER:-}" ] && runs sanitizer; then
+    if [ "$gpus" -lt 1 ]; then
+        echo "sanitizer skipped: the reference tests need a CUDA GPU, found none" >runs/sanitizer.txt
     elif ! sanitizer=$(find_sanitizer); then
         echo "sanitizer: compute-sanitizer not found on PATH or in /usr/local/cuda*/bin" >runs/sanitizer.txt
         sanitizer_rc=1
@@ -166,14 +185,20 @@ if [ -n "${PDCHECK_SANITIZER:-}" ]; then
 fi
 
 {
-    echo "GPU tier on $gpus GPU(s)"
-    echo "tests: exit $tests_rc: $(junit_counts "$out/gpu-junit.xml")"
-    race_lines "$out/gpu-junit.xml"
-    if [ -n "${PDCHECK_SANITIZER:-}" ]; then
+    echo "GPU tier on $gpus GPU(s), steps:$steps"
+    echo "env: $(tail -1 "$out/env.txt")"
+    echo "NCCL pairs: $pairing"
+    if runs tests; then
+        echo "tests: exit $tests_rc: $(junit_counts "$out/gpu-junit.xml")"
+        race_lines "$out/gpu-junit.xml"
+    fi
+    if [ -n "${PDCHECK_SANITIZER:-}" ] && runs sanitizer; then
         echo "sanitizer (exit $sanitizer_rc) on $SANITIZER_TESTS:"
         cat runs/sanitizer.txt
     fi
-    echo "bench: exit $bench_rc"
-    grep -A10 "^NCCL plane" "$out/bench.log" || true
+    if runs bench; then
+        echo "bench: exit $bench_rc"
+        grep -A16 "^NCCL plane" "$out/bench.log" || true
+    fi
 } | tee "$out/summary.txt"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$sanitizer_rc" -eq 0 ]

@@ -1,8 +1,9 @@
-"""The NCCL plane between two GPUs: blocks arrive bitwise exact in every layout, several requests
+"""The NCCL plane between two ranks: blocks arrive bitwise exact in every layout, several requests
 can be in flight, a corrupted block is named by its checksum, and a receive from a peer that
 never sends ends at its deadline instead of hanging.
 
-Each test runs a scenario in two spawned processes (rank r on GPU r, `run_pair` owns them): rank
+Each test runs a scenario in two spawned processes (rank r on GPU r, or both on one GPU over NCCL's
+socket transport where the machine has one: `run_pair` owns them, `place` says where): rank
 0 extracts and sends, rank 1 receives, injects and checks. Both build their data from the case
 alone (seeded on the CPU), so rank 1 knows what rank 0 sent. Scenarios return failure lines.
 """
@@ -21,7 +22,7 @@ from pdcheck.bench_nccl import run_pair  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract, inject, num_blocks  # noqa: E402
 from pdcheck.connector.nccl import ChecksumError, LayerSpec, block_checksums, recorded  # noqa: E402
 
-pytestmark = pytest.mark.multi_gpu(2)
+pytestmark = pytest.mark.gpu  # two GPUs where there are two; else both ranks on one
 DEADLINE_S = 60.0
 PAIR_TIMEOUT_S = 240.0
 

@@ -1,6 +1,8 @@
-"""xPyD on the NCCL plane: 2 prefill worker halves (GPUs 0, 1) and 2 decode halves (GPUs 2, 3),
-each in its own spawned process, every prefill sending to every decode (P0>D0, P1>D0 is 2P1D,
-P0>D1 is 1P2D) with several requests in flight on each decode at once, in GET and PUT.
+"""xPyD on the NCCL plane: 2 prefill worker halves (GPUs 0, 1) and 2 decode halves (GPUs 2, 3;
+on fewer GPUs the ranks share them and meet over NCCL's socket transport: bench_nccl.place),
+each in its own spawned process, one communicator per (prefill, decode) pair, every prefill
+sending to every decode (P0>D0, P1>D0 is 2P1D, P0>D1 is 1P2D) with several requests in flight on
+each decode at once, in GET and PUT.
 
 Each prefill's caches hold content made from its own seed; each decode loads the requests of
 both prefills into disjoint blocks and checks them bit for bit against what it rebuilds from
@@ -9,7 +11,6 @@ those seeds, and that no other block changed.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 import traceback
@@ -18,12 +19,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pdcheck.bench_nccl import stop  # noqa: E402
+from pdcheck.bench_nccl import place, stop  # noqa: E402
 from pdcheck.connector.config import Mode, P2PConfig, Plane  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
 
-pytestmark = pytest.mark.multi_gpu(4)
+pytestmark = pytest.mark.gpu  # four GPUs where there are four; else the ranks share them
 PREFILLS, DECODES, LAYERS, BLOCKS = 2, 2, 3, 16
 SHAPE = (BLOCKS, 2, 16, 64)  # BLOCKS_FIRST: [blocks, kv, block_size, head_dim x heads]
 BARRIER_S, TIMEOUT_S = 60.0, 240.0
@@ -52,7 +53,7 @@ def role(rank: int) -> tuple[str, int]:
 
 def run_rank(rank: int, mode: Mode, ports: list[int], barrier) -> list[str]:
     kind, index = role(rank)
-    device = torch.device("cuda", rank)
+    device = torch.device("cuda", torch.cuda.current_device())
     half = WorkerHalf(P2PConfig(port=ports[rank], mode=mode, plane=Plane.NCCL, deadline_s=30.0))
     address = [f"127.0.0.1:{port}" for port in ports]
     try:
@@ -89,9 +90,8 @@ def run_rank(rank: int, mode: Mode, ports: list[int], barrier) -> list[str]:
 
 
 def rank_main(rank: int, mode: Mode, ports: list[int], results, barrier) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:
-        torch.cuda.set_device(rank)
+        place(rank, PREFILLS + DECODES)
         results.put((rank, run_rank(rank, mode, ports, barrier)))
     except BaseException:
         results.put((rank, [f"rank {rank} failed:\n{traceback.format_exc()}"]))

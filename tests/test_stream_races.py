@@ -13,8 +13,9 @@ A race is a set of injectors, made deterministic with sleep kernels (`torch.cuda
   between the data and its verification;
 - delay the receiver's receive stream.
 Each scenario runs in two spawned processes (`run_pair`: rank 0 sends on GPU 0, rank 1 receives
-on GPU 1) for REPEATS requests; rank 1 reports one outcome per request: "ok" (checksums match
-and the bytes equal what was sent), "ChecksumError: ..." or "bytes differ ...". The reference
+on GPU 1; both on GPU 0, over NCCL's socket transport, where the machine has one GPU) for REPEATS
+requests; rank 1 reports one outcome per request: "ok" (checksums match and the bytes equal what
+was sent), "ChecksumError: ..." or "bytes differ ...". The reference
 must give only "ok"; a mutant at least one ChecksumError naming a block. Failures print the
 reproducer line. The sanitizer step of scripts/gpu_tier.sh reruns a reference race.
 """
@@ -35,7 +36,7 @@ from pdcheck.connector.layouts import KVLayout, block_index  # noqa: E402
 from pdcheck.connector.nccl import ChecksumError, LayerSpec, Transfer, recorded  # noqa: E402
 from pdcheck.mutants.gpu import MUTANTS  # noqa: E402
 
-pytestmark = pytest.mark.multi_gpu(2)
+pytestmark = pytest.mark.gpu  # two GPUs where there are two; else both ranks on one
 REFERENCE = "NcclPeer"
 LAYOUT = KVLayout.FLASH_INFER
 SEED, REPEATS = 7, 3

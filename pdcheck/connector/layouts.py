@@ -52,7 +52,12 @@ def check_shape(cache: torch.Tensor, layout: KVLayout) -> None:
 
 
 def block_index(block_ids, device) -> torch.Tensor:
-    return torch.as_tensor(list(block_ids), dtype=torch.long, device=device)
+    """The ids as a long tensor on `device`. To a GPU it goes as a pinned copy queued on the current
+    stream, so the host does not wait for that stream (an engine's, still busy with its step)."""
+    index = torch.as_tensor(list(block_ids), dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 def extract(cache: torch.Tensor, layout: KVLayout, block_ids) -> torch.Tensor:

@@ -8,7 +8,8 @@ An `NcclPeer` is a 2-rank communicator between a prefill and a decode worker: ra
   same order, with the same shapes, dtypes and verify flag.
 - Streams: a send runs on the peer's send stream after the caller's event (recorded on the
   compute stream after the KV write). Receive buffers are allocated and written on the receive
-  stream, and `Transfer.wait` hands them to the caller's current stream.
+  stream, and `Transfer.wait` hands them to the caller's current stream. No wait makes the host
+  wait for the caller's stream (an engine's, which may still be busy with its step).
 - Every wait has a deadline. Init, enqueue and `Transfer.wait` raise TimeoutError when it passes,
   after aborting the communicator (the peer is unusable afterwards).
 - Checksums: per block, the sum (mod 2**64) of its 64-bit words (32-bit words or bytes where
@@ -143,7 +144,8 @@ class Transfer:
     def wait(self, deadline_s: float) -> list[torch.Tensor]:
         self.peer.await_event(self.done, time.monotonic() + deadline_s)
         if self.check is not None:
-            self.check.raise_if_bad()
+            with torch.cuda.stream(self.peer.sum_stream):  # not the caller's: its stream may be busy for long
+                self.check.raise_if_bad()
         if self.base is not None:
             stream = torch.cuda.current_stream(self.peer.device)
             stream.wait_event(self.done)
