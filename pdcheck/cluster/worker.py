@@ -29,6 +29,7 @@ from pdcheck.errors import BadInput
 
 PR_SET_PDEATHSIG = 1
 ABORTED = "aborted by the client"
+IDLE_STEP_S = 0.01  # between batches, how often an engine whose scheduler holds requests steps
 
 
 def main(conn, lifeline, spec: EngineSpec, folder: str, placement: Placement, run_dir: str, port: int, role: Role,
@@ -160,6 +161,7 @@ def record_prompt_sources(engine) -> None:
 def serve(conn, engine, encoder) -> None:
     decoder = msgspec.msgpack.Decoder(ToWorker)
     while True:
+        step_while_held(engine, conn)
         message = decoder.decode(conn.recv_bytes())
         if isinstance(message, Stop):
             return
@@ -168,6 +170,19 @@ def serve(conn, engine, encoder) -> None:
             continue
         results = run_batch(engine, message.requests, time.monotonic() + message.deadline_s)
         conn.send_bytes(encoder.encode(Results(results=results)))
+
+
+def step_while_held(engine, conn) -> None:
+    """Between batches, step while the scheduler still has requests (finished ones a connector
+    holds, e.g. until decode has their KV), as vLLM's engine core loop does
+    (`scheduler.has_requests()`); the next message ends it. A connector that hands a finished
+    request to its worker in the step after (MooncakeConnector) needs that step to serve decode."""
+    scheduler = getattr(getattr(getattr(engine, "engine_core", None), "engine_core", None), "scheduler", None)
+    try:
+        while scheduler is not None and scheduler.has_requests() and not conn.poll(IDLE_STEP_S):
+            engine.step()
+    except Exception:  # the next batch's steps meet it again, and report it per request
+        return
 
 
 def engine_state(engine) -> EngineState:
