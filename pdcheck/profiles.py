@@ -111,6 +111,7 @@ class Profile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 REFERENCE_CLASS = "pdcheck.connector.plugin.P2PConnector"
 EXAMPLE_CLASS = "vllm.distributed.kv_transfer.kv_connector.v1.example_connector.ExampleConnector"
 NIXL_CLASS = "vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector.NixlBaseConnector"  # NixlConnector is its pull variant
+MOONCAKE_CLASS = "vllm.distributed.kv_transfer.kv_connector.v1.mooncake.mooncake_connector.MooncakeConnector"
 
 BUILTIN: dict[str, Profile] = {
     # pdcheck's reference: each instance listens on its own port; put modes push to the decode
@@ -150,6 +151,20 @@ BUILTIN: dict[str, Profile] = {
         kv_role_decode="kv_consumer",
         instance_env={"VLLM_NIXL_SIDE_CHANNEL_PORT": "{free_port}"},
         lease_s=30.0,
+        expected_load=ExpectedLoad.ALL,
+    ),
+    # vLLM's Mooncake connector over its transfer engine's TCP transport (the default is rdma):
+    # prefill pushes to decode once decode asks; a bootstrap server per prefill instance
+    # (VLLM_MOONCAKE_BOOTSTRAP_PORT) tells decode where prefill's worker listens. Unclaimed KV is
+    # freed after VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT (480 s by default; 20 s here). It returns no
+    # kv_transfer_params from prefill: pdcheck.adapters.mooncake does its proxy's part.
+    MOONCAKE_CLASS: Profile(
+        connector=MOONCAKE_CLASS,
+        extra_config={"mooncake_protocol": "tcp", "num_workers": 2},
+        kv_role_prefill="kv_producer",
+        kv_role_decode="kv_consumer",
+        instance_env={"VLLM_MOONCAKE_BOOTSTRAP_PORT": "{free_port}", "VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT": "20"},
+        lease_s=20.0,
         expected_load=ExpectedLoad.ALL,
     ),
 }
