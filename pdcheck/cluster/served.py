@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from pdcheck.errors import BadInput, InstanceFailed
 from pdcheck.pd import PDResult
 from pdcheck.proxy.server import Proxy, ProxySettings
 
+log = logging.getLogger("pdcheck.served")
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 10.0
 PR_SET_PDEATHSIG = 1
@@ -131,15 +133,20 @@ class ServedInstance:
             os.killpg(self.process.pid, sig)
 
     def close(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Ask the server to stop (SIGTERM to its process group), kill it if it does not. Idempotent."""
+        """Ask the server to stop (SIGTERM to its process group), kill the group if it does not.
+        Idempotent, and never raises: whatever the server does, its whole group is killed."""
         if self.process is not None:
             self.signal(signal.SIGTERM)
             try:
                 self.process.wait(grace_s)
             except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.process.wait(grace_s)
-            with_group_gone(self.process.pid)
+                with_group_gone(self.process.pid)
+                try:
+                    self.process.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("instance %s (pid %d) still there %.0fs after SIGKILL", self.name, self.process.pid,
+                                grace_s)
+            with_group_gone(self.process.pid)  # the engine core and any other child the server started
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -257,9 +264,12 @@ class ServedCluster:
         return self.logs.update()
 
     def close(self) -> None:
-        for instance in self.instances:
-            instance.close()
-        self.proxy.stop()
+        """Stop every instance, then the proxy; a failure stopping one never leaves the rest running."""
+        try:
+            for instance in self.instances:
+                instance.close()
+        finally:
+            self.proxy.stop()
 
     def __enter__(self) -> ServedCluster:
         return self.start().wait_ready()
