@@ -14,9 +14,10 @@
 #      vLLM's layouts; never the mutants) under
 #      `compute-sanitizer --tool T --target-processes all --error-exitcode 1`, the tools side by
 #      side, each within $PDCHECK_SANITIZER_TIMEOUT s. Host API error codes are not reported
-#      (NCCL and torch probe the driver), and racecheck skips the kernels named by
-#      $PDCHECK_RACECHECK_EXCLUDE (default kns=ncclDevKernel: NCCL 2.28.9's own SendRecv kernel
-#      reports shared-memory hazards in NCCL code, not ours; set it empty to check them too). Any
+#      (NCCL and torch probe the driver), and racecheck and synccheck skip the kernels named by
+#      $PDCHECK_SANITIZER_EXCLUDE (default kns=ncclDevKernel: NCCL 2.28.9's own SendRecv kernel
+#      reports shared-memory hazards, and on its socket transport divergent barriers, in NCCL code,
+#      not ours; memcheck checks it; set it empty to check them too). Any
 #      other report, a missing summary or a test that does not pass fails the tier. Report counts
 #      go to the summary, the logs to sanitizer.log.
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0). Logs, gpu-junit.xml, bench.json and
@@ -31,7 +32,7 @@ out=${OUT:-runs/gpu-tier}
 reference_race=tests/test_stream_races.py::test_reference_connector_verifies_every_transfer_under_stream_races
 plugin_path=tests/test_nccl_plane.py::test_requests_arrive_bitwise_exact_in_vllm_and_native_layouts_and_the_log_shows_each_transfer
 SANITIZER_TESTS=${PDCHECK_SANITIZER_TESTS:-"$reference_race[compute_stall] $plugin_path[get-vllm]"}
-RACECHECK_EXCLUDE=${PDCHECK_RACECHECK_EXCLUDE-kns=ncclDevKernel}
+NCCL_EXCLUDE=${PDCHECK_SANITIZER_EXCLUDE-${PDCHECK_RACECHECK_EXCLUDE-kns=ncclDevKernel}}
 mkdir -p "$out" runs
 steps=" ${*:-tests bench sanitizer} "
 for step in $steps; do
@@ -92,13 +93,13 @@ find_sanitizer() {
 }
 
 exclusion() {  # $1: tool; the sanitizer's option that skips kernels, where this tool skips some
-    [ "$1" = racecheck ] && [ -n "$RACECHECK_EXCLUDE" ] || return 0
+    [[ $1 == racecheck || $1 == synccheck ]] && [ -n "$NCCL_EXCLUDE" ] || return 0
     local help
     help=$("$sanitizer" --help 2>&1)  # not piped into grep -q: under pipefail its early exit fails the test
     if [[ $help == *--kernel-name-exclude* ]]; then
-        echo "--kernel-name-exclude $RACECHECK_EXCLUDE"
+        echo "--kernel-name-exclude $NCCL_EXCLUDE"
     else
-        echo "--exclude $RACECHECK_EXCLUDE"
+        echo "--exclude $NCCL_EXCLUDE"
     fi
 }
 
