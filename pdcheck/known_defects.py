@@ -20,7 +20,7 @@ import dataclasses
 import re
 
 from pdcheck.checker.compare import Outcome, Verdict
-from pdcheck.profiles import EXAMPLE_CLASS
+from pdcheck.profiles import EXAMPLE_CLASS, NIXL_CLASS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,7 @@ class RecordedFailure:
 
 
 EXAMPLE = "vllm/distributed/kv_transfer/kv_connector/v1/example_connector.py"  # vLLM 0.32, as lines below cite
+NIXL = "vllm/distributed/kv_transfer/kv_connector/v1/nixl"  # vLLM 0.32
 
 RECORDED_FAILURES = [
     RecordedFailure(
@@ -141,6 +142,36 @@ RECORDED_FAILURES = [
             "the two sides' settings: its files are keyed by a hash of the prompt's tokens only "
             f"({EXAMPLE}:50-59 builds the slot mapping from decode's own block size). Single engines at block "
             "sizes 32 and 64 give the same tokens, so the divergence comes from the transfer"
+        ),
+    ),
+    RecordedFailure(
+        name="nixl-block-size-ratio-cpu-layout",
+        connector=NIXL_CLASS,
+        test=r"test_sides_that_disagree_fail_cleanly_or_match\[block-size\]",
+        symptom=r"asymmetric-block-size-\d-len\d+: diverged",
+        summary=(
+            "NixlConnector on CPU with prefill at block size 32 and decode at 64: the handshake accepts the ratio "
+            f"({NIXL}/base_worker.py:2482-2489 refuses it only with a host buffer, and on CPU there is none, :697), "
+            "each 32-token block is read into half of a 64-token block, and the received blocks are regrouped as if "
+            "each head's block were token-major rows (:2775-2778, kv_connector/utils.py:244-269; the tail zeroing "
+            "at :2786-2787 makes the same assumption). CPU attention packs each head's block as K transposed "
+            "[head_dim, block_size] then V [block_size, head_dim] (v1/attention/backends/cpu_attn.py:463-488), so "
+            "only V of the second half lands right: decode loads L tokens and decodes wrong ones, with no error"
+        ),
+    ),
+    RecordedFailure(
+        name="nixl-replayed-transfer-params",
+        connector=NIXL_CLASS,
+        test=r"test_replayed_transfer_params_are_refused_or_recomputed",
+        symptom=r"replayed \S+-again: diverged: [^\n]*\(loaded [1-9]\d* tokens\)",
+        summary=(
+            "NixlConnector serves consumed kv_transfer_params again: decode keeps no record of the remote request "
+            "ids it has read and counts the whole prompt as external for any params with do_remote_prefill "
+            f"({NIXL}/pull_scheduler.py:59-65), then reads remote_block_ids from prefill's registered pool with a "
+            "one-sided NIXL read (pull_worker.py:136-, no expiry check for prefill's params: :152 and "
+            "pull_scheduler.py:264-269). Prefill, which freed and reused those blocks after the first read, learns "
+            "of the second one only from its notification and logs 'Potentially invalid KV blocks for unrecognized "
+            "request' (pull_worker.py:661-673); decode never hears of it and decodes from another request's KV"
         ),
     ),
 ]
