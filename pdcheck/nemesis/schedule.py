@@ -11,9 +11,7 @@ in the history.
   meets a dead peer; its deployment restarts it before its next batch (its heal);
 - "restart": the batch's prefill instance is killed between the legs and started again on the
   same address before decode's leg is sent: decode meets a new incarnation that never had the
-  request's KV (a peer restarted under stale metadata);
-- "late": the client sends the decode leg `seconds` after prefill answered (a backlogged decode,
-  a slow client): past the connector's hold or lease, prefill has let go of the KV.
+  request's KV (a peer restarted under stale metadata).
 A pause lasts `seconds`; a timer thread heals it (SIGCONT) when its time is up, whatever the
 batch is doing; `heal_all` heals anything still injected (the final heal, also on failure).
 A request whose batch had a fault may end as a clean error (or a recompute, if the connector's
@@ -27,7 +25,6 @@ import os
 import random
 import signal
 import threading
-import time
 
 import msgspec
 
@@ -37,8 +34,8 @@ KINDS = (*PAUSES, "abort")  # what `plan` draws from; "kill" is asked for by nam
 
 class Planned(msgspec.Struct, frozen=True):
     batch: int
-    target: str  # "prefill" or "decode": which instance of the batch's pair is paused; or "abort", "kill", "late"
-    seconds: float  # how long a pause, or a late decode leg's wait, lasts (an abort has no window: 0)
+    target: str  # "prefill" or "decode": which instance of the batch's pair is paused; or "abort", "kill", "restart"
+    seconds: float  # how long a pause lasts (an abort has no window: 0)
 
 
 def plan(seed: int, num_batches: int, rate: float = 0.3, longest_s: float = 2.5,
@@ -72,11 +69,6 @@ class Nemesis:
             for phase in ("inject", "heal"):
                 self.history.record("note", fault="abort", phase=phase, batch=batch, instance=prefill.name)
             return True
-        if fault.target == "late":
-            self.history.record("note", fault="late", phase="inject", batch=batch, seconds=fault.seconds)
-            time.sleep(fault.seconds)
-            self.history.record("note", fault="late", phase="heal", batch=batch)
-            return False
         if fault.target in ("kill", "restart"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(prefill.process.pid, signal.SIGKILL)
