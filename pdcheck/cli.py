@@ -214,14 +214,16 @@ def main(argv: list[str] | None = None) -> int:
 
                 return run_blackbox(args, stack, console)
             if args.command == "run":
-                from pdcheck.cluster.placement import choose_layout
+                from pdcheck.cluster.placement import check_connector_fits, choose_layout
                 from pdcheck.runner import dry_run, run_gate
 
                 layout = choose_layout(args.device, args.gpus, args.dry_run, prefill_tp=args.prefill_tp,
                                        decode_tp=args.decode_tp, oracle_tp=args.oracle_tp)
+                specs = engine_specs(args)
+                check_connector_fits(layout, [spec.connector for spec in specs])
                 if args.dry_run:
-                    return dry_run(args, engine_specs(args), layout, console)
-                return run_gate(args, engine_specs(args), layout, stack, console)
+                    return dry_run(args, specs, layout, console)
+                return run_gate(args, specs, layout, stack, console)
             if args.command == "repro":
                 from pdcheck.reproducer import run_repro
 

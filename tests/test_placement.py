@@ -120,6 +120,13 @@ def test_dry_run_prints_the_2p2d_plan_for_4_gpus_and_starts_nothing(capsys, tmp_
     assert instance_module._context is None  # no engine forkserver either
 
 
+def test_tensor_parallel_reference_instances_are_refused_before_the_plan(capsys, tmp_path, no_resolving):
+    code, err = run_cli(capsys, "--dry-run", "--gpus", "4", "--decode-tp", "2", "--connector", "reference",
+                        "--runs-dir", str(tmp_path / "runs"))
+    assert code == 2 and "tensor-parallel size 2 with the reference connector" in err, err
+    assert "plan:" not in err and not (tmp_path / "runs").exists()
+
+
 def test_a_real_run_on_too_few_gpus_exits_2_naming_both_counts(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(placement, "visible_gpus", lambda: ("0", "1"))
     monkeypatch.setattr(cli, "engine_specs", lambda args: pytest.fail("engine specs made for a refused run"))

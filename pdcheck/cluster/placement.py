@@ -94,6 +94,20 @@ class Layout:
         return gpu_plan(self.gpus, [self.tp(role) for role in roles])
 
 
+def check_connector_fits(layout: Layout, connectors) -> None:
+    """Refuse, before anything starts, a layout the connector cannot run in: the reference
+    connector listens on one port per instance, which every rank of a tensor-parallel instance
+    would try to bind."""
+    from pdcheck.config import REFERENCE
+    from pdcheck.profiles import REFERENCE_CLASS
+
+    tp = max(layout.prefill_tp, layout.decode_tp)
+    for connector in connectors:
+        if tp > 1 and (connector.name == REFERENCE or REFERENCE_CLASS in connector.lineage):
+            raise BadInput(f"tensor-parallel size {tp} with the reference connector: it listens on one port per "
+                           f"instance, which each rank would bind; run it at --prefill-tp 1 --decode-tp 1")
+
+
 def gpu_names(gpus: tuple[str, ...]) -> str:
     """E.g. "GPU 3", "2 GPUs 0,1", "no GPU"."""
     names = ",".join(gpus)
