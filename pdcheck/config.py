@@ -80,7 +80,7 @@ class ConnectorSpec:
         `kv_load_failure_policy` ("fail" or "recompute"), if given among the connector's
         settings, is vLLM's own setting for loads that fail, and is passed to vLLM as such.
         """
-        extra = {k: v.format(run_dir=run_dir, port=port) if isinstance(v, str) else v for k, v in self.extra_config}
+        extra = {k: fill(v, run_dir, port) for k, v in self.extra_config}
         policy = extra.pop("kv_load_failure_policy", None)
         kv_role = {Role.PREFILL: self.profile.kv_role_prefill, Role.DECODE: self.profile.kv_role_decode}.get(role, "kv_both")
         config = {"kv_connector": self.class_name, "kv_role": kv_role, "kv_connector_extra_config": extra}
@@ -91,6 +91,18 @@ class ConnectorSpec:
         if self.module_path:
             config["kv_connector_module_path"] = self.module_path
         return config
+
+
+def fill(value: Any, run_dir: Path, port: int) -> Any:
+    """A setting with `{run_dir}` and `{port}` filled in its strings, inside lists and objects too
+    (MultiConnector's child connectors carry settings of their own)."""
+    if isinstance(value, str):
+        return value.format(run_dir=run_dir, port=port)
+    if isinstance(value, dict):
+        return {k: fill(v, run_dir, port) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill(v, run_dir, port) for v in value]
+    return value
 
 
 REFERENCE = "pdcheck.connector.plugin:P2PConnector"

@@ -112,6 +112,7 @@ REFERENCE_CLASS = "pdcheck.connector.plugin.P2PConnector"
 EXAMPLE_CLASS = "vllm.distributed.kv_transfer.kv_connector.v1.example_connector.ExampleConnector"
 NIXL_CLASS = "vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector.NixlBaseConnector"  # NixlConnector is its pull variant
 MOONCAKE_CLASS = "vllm.distributed.kv_transfer.kv_connector.v1.mooncake.mooncake_connector.MooncakeConnector"
+MULTI_CLASS = "vllm.distributed.kv_transfer.kv_connector.v1.multi_connector.MultiConnector"
 
 BUILTIN: dict[str, Profile] = {
     # pdcheck's reference: each instance listens on its own port; put modes push to the decode
@@ -165,6 +166,23 @@ BUILTIN: dict[str, Profile] = {
         kv_role_decode="kv_consumer",
         instance_env={"VLLM_MOONCAKE_BOOTSTRAP_PORT": "{free_port}", "VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT": "20"},
         lease_s=20.0,
+        expected_load=ExpectedLoad.ALL,
+    ),
+    # vLLM's MultiConnector: loads through the first child that has the prompt, saves through all.
+    # By default NIXL for PD (as NIXL's profile drives it) and an ExampleConnector store of each
+    # instance's own ({port} differs per instance), the composition vLLM's docs show; no
+    # offloading connector runs on CPU. Prefill's store serves its repeated prompts.
+    MULTI_CLASS: Profile(
+        connector=MULTI_CLASS,
+        kv_buffer_device="cpu",
+        extra_config={"connectors": [
+            {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
+             "kv_connector_extra_config": {"num_threads": 1}},
+            {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+             "kv_connector_extra_config": {"shared_storage_path": "{run_dir}/store-{port}"}},
+        ]},
+        instance_env={"VLLM_NIXL_SIDE_CHANNEL_PORT": "{free_port}"},
+        lease_s=30.0,
         expected_load=ExpectedLoad.ALL,
     ),
 }
