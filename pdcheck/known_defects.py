@@ -20,7 +20,7 @@ import dataclasses
 import re
 
 from pdcheck.checker.compare import Outcome, Verdict
-from pdcheck.profiles import EXAMPLE_CLASS, NIXL_CLASS
+from pdcheck.profiles import EXAMPLE_CLASS, MOONCAKE_CLASS, MULTI_CLASS, NIXL_CLASS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +104,7 @@ class RecordedFailure:
 
 EXAMPLE = "vllm/distributed/kv_transfer/kv_connector/v1/example_connector.py"  # vLLM 0.32, as lines below cite
 NIXL = "vllm/distributed/kv_transfer/kv_connector/v1/nixl"  # vLLM 0.32
+MOONCAKE = "vllm/distributed/kv_transfer/kv_connector/v1/mooncake/mooncake_connector.py"  # vLLM 0.32
 
 RECORDED_FAILURES = [
     RecordedFailure(
@@ -187,7 +188,36 @@ RECORDED_FAILURES = [
             "with no error: the class of aws-do-eks #84 (8 of 42 requests decoded from released blocks, HTTP 200)"
         ),
     ),
+    RecordedFailure(
+        name="mooncake-dead-prefill-hang",
+        connector=MOONCAKE_CLASS,
+        test=r"test_faulted_request_ends_cleanly_and_the_next_ones_match\[prefill-(killed|restarted)\]",
+        symptom=r"prefill-(killed|restarted)-\d+-len\d+: leak \(hang, then decode0 still holds it after the drain\)",
+        summary=(
+            "MooncakeConnector when prefill dies before decode's pull: decode asks the prefill worker address it "
+            f"cached for that engine id ({MOONCAKE}:2527-2548, never asked again of the bootstrap server) over a "
+            "ZMQ DEALER socket and waits for the reply with RCVTIMEO = VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT + 60 s "
+            f"({MOONCAKE}:2345-2367: 540 s by default, 80 s in pdcheck's profile); nothing notices the peer is gone "
+            "(a restarted prefill listens on a new random port, :1444). The request hangs that long, and aborted "
+            "by the client meanwhile it keeps its blocks until the receive times out"
+        ),
+    ),
 ]
+
+
+def through_multi_connector(name: str, child: str) -> RecordedFailure:
+    """A child connector's recorded failure as MultiConnector shows it (its profile composes
+    NixlConnector for PD with an ExampleConnector store of each instance's own)."""
+    recorded = next(r for r in RECORDED_FAILURES if r.name == name)
+    return dataclasses.replace(recorded, name=f"multi-connector-{name}", connector=MULTI_CLASS,
+                               summary=f"MultiConnector through its {child} child: {recorded.summary}")
+
+
+# The store child's defect shows on decode: a resumed request is not NIXL's any more (its params
+# were consumed), so MultiConnector asks the store, which loads a hash of all the request's tokens.
+RECORDED_FAILURES += [through_multi_connector(name, child) for name, child in (
+    ("nixl-block-size-ratio-cpu-layout", "NixlConnector"), ("nixl-replayed-transfer-params", "NixlConnector"),
+    ("nixl-read-after-lease", "NixlConnector"), ("example-connector-resumed-request-hash", "ExampleConnector store"))]
 
 
 def recorded_failure(lineage: tuple[str, ...], test_name: str) -> RecordedFailure | None:
