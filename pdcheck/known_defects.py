@@ -164,7 +164,7 @@ RECORDED_FAILURES = [
         name="nixl-replayed-transfer-params",
         connector=NIXL_CLASS,
         test=r"test_replayed_transfer_params_are_refused_or_recomputed",
-        symptom=r"replayed \S+-again: diverged: [^\n]*\(loaded [1-9]\d* tokens\)",
+        symptom=r"replayed \S+: diverged: [^\n]*\(loaded [1-9]\d* tokens\)",
         summary=(
             "NixlConnector serves consumed kv_transfer_params again: decode keeps no record of the remote request "
             "ids it has read and counts the whole prompt as external for any params with do_remote_prefill "
