@@ -174,7 +174,7 @@ def serve_spec(args) -> EngineSpec:
     checked first what needs no vLLM, then (prefill, decode) the connector's own settings."""
     import dataclasses
 
-    from pdcheck.cluster.serve import check_connector_options, check_connector_settings, check_port_free
+    from pdcheck.cluster.http_server import check_connector_options, check_connector_settings, check_port_free
     from pdcheck.config import Role
 
     if args.role != "single" and not (args.proxy and args.kv_port):
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                     return dry_run(args, specs, layout, console)
                 return run_gate(args, specs, layout, stack, console)
             if args.command == "repro":
-                from pdcheck.reproducer import run_repro
+                from pdcheck.repro.case import run_repro
 
                 return run_repro(args, stack, console)
             if args.command == "test":
@@ -233,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 return run_battery(args)
             if args.command == "mutants":
-                from pdcheck.bench_mutants import bench_mutants
+                from pdcheck.bench.mutants import bench_mutants
 
                 return bench_mutants(args, stack, console)
             if args.command == "serve":
-                from pdcheck.cluster.serve import serve
+                from pdcheck.cluster.http_server import serve
 
                 return serve(args, serve_spec(args))
             if args.command == "proxy":
@@ -245,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 return run_foreground(args, stack, console)
             if args.bench == "proxy":
-                from pdcheck.bench_proxy import bench_proxy
+                from pdcheck.bench.proxy import bench_proxy
 
                 return bench_proxy(args, stack, console)
-            from pdcheck import bench
+            from pdcheck.bench import startup as bench
 
             return {"startup": bench.bench_startup, "tcp": bench.bench_tcp}[args.bench](args, stack, console)
     except BadInput as e:

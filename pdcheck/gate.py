@@ -22,7 +22,7 @@ from pdcheck.errors import InstanceFailed
 from pdcheck.history import History
 from pdcheck.known_defects import known_defect
 from pdcheck.nemesis.schedule import Nemesis
-from pdcheck.pd import PDResult
+from pdcheck.client.legs import PDResult
 
 DEADLINE_S = 60.0
 

@@ -16,17 +16,17 @@ from contextlib import ExitStack
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pdcheck import report
+from pdcheck.report import terminal as report
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.cluster.placement import Device, Layout, gpu_names
 from pdcheck.config import DecodePrompt, EngineSpec
 from pdcheck.errors import BadInput
 from pdcheck.gate import check, leaks
-from pdcheck.html_report import write_report
+from pdcheck.report.html import write_report
 from pdcheck.nemesis.schedule import Nemesis, plan
-from pdcheck.repro import replay_command
-from pdcheck.reproducer import make_repro
-from pdcheck.reproducer import write as write_repro
+from pdcheck.repro.command import replay_command
+from pdcheck.repro.case import make_repro
+from pdcheck.repro.case import write as write_repro
 from pdcheck.store import RunStore
 from pdcheck.workload.boundary import boundary_workload
 
@@ -46,7 +46,7 @@ def make_deployment(args, spec: EngineSpec, run_dir, name: str, layout: Layout):
         return Deployment(spec, run_dir, name, None, *args.topology, layout=layout)
     if args.nemesis is not None:
         raise BadInput("--nemesis pauses in-process instances; it does not combine with --serve")
-    from pdcheck.cluster.served import ServedCluster
+    from pdcheck.cluster.http_cluster import ServedCluster
 
     if spec.connector.decode_prompt is not DecodePrompt.ORIGINAL:
         raise BadInput(f"--serve: the proxy gives decode the original prompt; {spec.connector.name} "

@@ -20,7 +20,7 @@ from pdcheck.cli import main
 from pdcheck.config import connector_spec
 from pdcheck.history import read_history
 from pdcheck.nemesis.schedule import Planned, plan
-from pdcheck.pd import ABANDONED
+from pdcheck.client.legs import ABANDONED
 
 pytestmark = pytest.mark.vllm
 SEED, LENGTHS = 7, [33, 65, 95]

@@ -83,7 +83,7 @@ def test_bad_endpoints_are_refused_before_any_load(http_server, tmp_path, capsys
 def test_a_broken_connector_behind_the_target_is_caught_from_outside(pd_run_dir, pd_pool, tmp_path, capsys):
     """The reference connector with its loads damaged (CorruptOnLoad) serves behind the proxy;
     the black-box run finds divergence and exits 1. A plan over budget is refused first."""
-    from pdcheck.cluster.served import ServedCluster
+    from pdcheck.cluster.http_cluster import ServedCluster
 
     pd_pool.release()  # room for the served instances
 

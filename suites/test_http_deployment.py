@@ -22,7 +22,7 @@ from collections import Counter
 import pytest
 
 from pdcheck.checker.compare import Outcome, Rule, judge
-from pdcheck.client import complete, complete_all
+from pdcheck.client.http import complete, complete_all
 from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import EngineSpec, Role, connector_spec, model_path
 from pdcheck.workload.boundary import boundary_workload
@@ -34,7 +34,7 @@ DEADLINE_S = 60.0
 
 @pytest.fixture(scope="module")
 def served(pd_run_dir, pd_pool):
-    from pdcheck.cluster.served import ServedCluster
+    from pdcheck.cluster.http_cluster import ServedCluster
 
     pd_pool.release()  # five served instances: the pool's engines would crowd them out of memory and cores
 

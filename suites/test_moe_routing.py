@@ -36,7 +36,7 @@ from pdcheck.checker.compare import Outcome
 from pdcheck.config import DTYPES, REFERENCE, EngineSpec, connector_spec
 from pdcheck.gate import check
 from pdcheck.moe.variants import ONE_EXPERT, VARIANTS, make_variant, routed_experts
-from pdcheck.repro import replay_command
+from pdcheck.repro.command import replay_command
 from pdcheck.workload.boundary import boundary_workload
 
 SEED, MAX_TOKENS = 0, 16

@@ -86,7 +86,7 @@ def test_missing_kv_skipped_silently_is_caught_as_divergence(pd_run_dir, request
     """Prefill dies before decode pulls: the reference fails the request; this mutant decodes
     on blocks that were never loaded, and the oracle comparison shows it."""
     from pdcheck.cluster.deployment import Deployment
-    from pdcheck.pd import decode_request, prefill_request
+    from pdcheck.client.legs import decode_request, prefill_request
 
     spec = mutant_spec("SkipMissingKV", '{"deadline_s": 2}')
     probe = next(r for r in boundary_workload(spec) if len(r.prompt) == 97)
@@ -273,7 +273,7 @@ def test_mutants_table_shows_node_ids_with_brackets_as_written():
 
     from rich.console import Console
 
-    from pdcheck.bench_mutants import Row, print_table
+    from pdcheck.bench.mutants import Row, print_table
 
     console = Console(file=StringIO(), width=400)
     print_table(console, [Row("m", "harness rot", "", "CPU", "caught", "t.py::test_x[block]", "passed", 1.0, "r")])
@@ -283,7 +283,7 @@ def test_mutants_table_shows_node_ids_with_brackets_as_written():
 def test_a_catching_test_that_fails_or_does_not_run_counts_as_a_survivor(tmp_path):
     """Caught means the node ran and passed; a failure (the mutant slipped through), an error, a
     skip, a missing node or a timeout is a survivor, and says what the test saw."""
-    from pdcheck.bench_mutants import run_entry, verdict
+    from pdcheck.bench.mutants import run_entry, verdict
     from pdcheck.mutants.catalogue import Entry
 
     junit = tmp_path / "junit.xml"

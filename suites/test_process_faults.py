@@ -25,7 +25,7 @@ from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
 from pdcheck.history import History
-from pdcheck.pd import decode_request, prefill_request
+from pdcheck.client.legs import decode_request, prefill_request
 from pdcheck.plugin import replay_line as replay
 from pdcheck.workload.boundary import boundary_workload
 

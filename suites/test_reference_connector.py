@@ -22,8 +22,8 @@ from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.gate import check, leaks
-from pdcheck.pd import decode_request, prefill_request
-from pdcheck.report import failure_line
+from pdcheck.client.legs import decode_request, prefill_request
+from pdcheck.report.terminal import failure_line
 from pdcheck.workload.boundary import boundary_workload
 
 MODELS = ["tiny-llama", "tiny-qwen3-moe"]

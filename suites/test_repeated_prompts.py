@@ -17,7 +17,7 @@ import pytest
 from pdcheck.checker.compare import Outcome
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
-from pdcheck.report import failure_line
+from pdcheck.report.terminal import failure_line
 from pdcheck.workload.boundary import repeated_requests
 
 REPEATS, PROMPT_LEN, MAX_TOKENS = 6, 80, 8

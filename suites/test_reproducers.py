@@ -13,7 +13,7 @@ import pytest
 
 from pdcheck.cli import main
 from pdcheck.cluster.messages import GenRequest
-from pdcheck.reproducer import read, write
+from pdcheck.repro.case import read, write
 
 BROKEN = ["--connector", "pdcheck.mutants.connector:CorruptOnLoad", "--connector-config", '{"port": "{port}"}',
           "--model", "tiny-llama", "--dtype", "bfloat16"]
@@ -55,7 +55,7 @@ def test_shrinking_a_real_failure_keeps_only_the_failing_request(tmp_path, capfd
 @pytest.mark.parametrize("needed, kept", [({"r3", "r5"}, ["r3", "r5", "failing"]), (set(), ["failing"]),
                                           ({"r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"}, None)])
 def test_shrinking_drops_every_earlier_request_the_failure_does_not_need(needed, kept):
-    from pdcheck.reproducer import Repro, shrink
+    from pdcheck.repro.case import Repro, shrink
 
     requests = [GenRequest(f"r{i}", [5, i], 4) for i in range(8)] + [GenRequest("failing", [9], 4)]
     repro = Repro({}, {}, (1, 1), 0, requests, "diverged")
@@ -75,7 +75,7 @@ def test_shrinking_drops_faults_the_failure_does_not_need_and_moves_the_rest_wit
     """Faults go first, one at a time; then requests, each fault staying on its request (whose
     index changes as earlier requests go) or going with it."""
     from pdcheck.nemesis.schedule import Planned
-    from pdcheck.reproducer import Repro, shrink
+    from pdcheck.repro.case import Repro, shrink
 
     requests = [GenRequest(f"r{i}", [5, i], 4) for i in range(6)] + [GenRequest("failing", [9], 4)]
     faults = [Planned(1, "prefill", 1.0), Planned(3, "abort", 0.0), Planned(4, "decode", 0.5), Planned(6, "abort", 0.0)]
@@ -107,7 +107,7 @@ def test_bad_repro_files_are_refused(tmp_path, capfd, content, message):
 def example_connector_repro(tmp_path):
     """ExampleConnector's known defect as a repro: a 64-token prompt (2 blocks) fails on decode."""
     from pdcheck.config import EngineSpec, connector_spec, model_path
-    from pdcheck.reproducer import make_repro
+    from pdcheck.repro.case import make_repro
     from pdcheck.workload.boundary import boundary_workload
 
     spec = EngineSpec(model=model_path("tiny-llama"), dtype="float32", connector=connector_spec("ExampleConnector"))
@@ -116,7 +116,7 @@ def example_connector_repro(tmp_path):
 
 
 def test_export_writes_a_script_that_needs_no_pdcheck(tmp_path):
-    from pdcheck.reproducer import export
+    from pdcheck.repro.case import export
 
     script = export(read(example_connector_repro(tmp_path)), tmp_path / "repro_script.py")
     text = script.read_text()
@@ -127,7 +127,7 @@ def test_export_writes_a_script_that_needs_no_pdcheck(tmp_path):
 
 def test_export_refuses_a_connector_that_needs_pdcheck(tmp_path, capfd):
     from pdcheck.config import EngineSpec, connector_spec, model_path
-    from pdcheck.reproducer import make_repro
+    from pdcheck.repro.case import make_repro
 
     spec = EngineSpec(model=model_path("tiny-llama"), connector=connector_spec("reference"))
     path = write(make_repro(spec, (1, 1), 0, [GenRequest("r", [5, 6], 4)], "error", ""), tmp_path / "ref.json")
@@ -143,7 +143,7 @@ def test_the_exported_script_fails_the_same_way_on_its_own(tmp_path):
     import subprocess
     import sys
 
-    from pdcheck.reproducer import export
+    from pdcheck.repro.case import export
 
     script = export(read(example_connector_repro(tmp_path)), tmp_path / "repro_script.py")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,

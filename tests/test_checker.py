@@ -16,9 +16,9 @@ from pdcheck.cluster.messages import GenRequest, GenResult
 from pdcheck.config import ConnectorSpec, EngineSpec
 from pdcheck.gate import Checked, judge_one
 from pdcheck.known_defects import known_defect
-from pdcheck.pd import PDResult
+from pdcheck.client.legs import PDResult
 from pdcheck.profiles import BUILTIN, EXAMPLE_CLASS, Profile
-from pdcheck.report import print_summary
+from pdcheck.report.terminal import print_summary
 
 STRICT = Calibration(Rule.STRICT, 0.0, 0.0, "stable")
 TOLERANT = Calibration(Rule.TOLERANT, 1e-6, 1e-7, "unstable")

@@ -25,9 +25,9 @@ from pdcheck.checker.oracle import Calibration
 from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
 from pdcheck.gate import check, leaks
 from pdcheck.history import read_history
-from pdcheck.html_report import write_report
+from pdcheck.report.html import write_report
 from pdcheck.nemesis.schedule import Nemesis, Planned
-from pdcheck.pd import PDResult
+from pdcheck.client.legs import PDResult
 from pdcheck.profiles import Profile
 from pdcheck.store import RunStore
 

@@ -18,7 +18,7 @@ import pytest
 import zmq
 from aiohttp import web
 
-from pdcheck.bench_proxy import FakeBackend, registered
+from pdcheck.bench.proxy import FakeBackend, registered
 from pdcheck.errors import BadInput
 from pdcheck.proxy.heartbeat import ENCODER, Heartbeat, HeartbeatSender
 from pdcheck.proxy.policies import RoundRobin

@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pdcheck.bench_nccl import run_pair  # noqa: E402
+from pdcheck.bench.nccl import run_pair  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract, inject, num_blocks  # noqa: E402
 from pdcheck.connector.nccl import ChecksumError, LayerSpec, block_checksums, recorded  # noqa: E402
 

@@ -38,7 +38,7 @@ import pytest
 torch = pytest.importorskip("torch")
 zmq = pytest.importorskip("zmq")
 
-from pdcheck.bench_nccl import PairError, place, stop  # noqa: E402
+from pdcheck.bench.nccl import PairError, place, stop  # noqa: E402
 from pdcheck.connector.config import Mode, P2PConfig, Plane  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract  # noqa: E402
 from pdcheck.connector.nccl import recorded  # noqa: E402

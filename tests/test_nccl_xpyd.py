@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pdcheck.bench_nccl import place, stop  # noqa: E402
+from pdcheck.bench.nccl import place, stop  # noqa: E402
 from pdcheck.connector.config import Mode, P2PConfig, Plane  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402

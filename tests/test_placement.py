@@ -10,7 +10,7 @@ from pdcheck.cluster import instance as instance_module
 from pdcheck.cluster import placement
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.cluster.placement import Device, Layout, Placement, choose_layout, numbered
-from pdcheck.cluster.served import served_places
+from pdcheck.cluster.http_cluster import served_places
 from pdcheck.config import ConnectorSpec, EngineSpec, Role, model_path
 from pdcheck.errors import BadInput
 

@@ -31,7 +31,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pdcheck.bench_nccl import run_pair  # noqa: E402
+from pdcheck.bench.nccl import run_pair  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, block_index  # noqa: E402
 from pdcheck.connector.nccl import ChecksumError, LayerSpec, Transfer, recorded  # noqa: E402
 from pdcheck.mutants.gpu import MUTANTS  # noqa: E402

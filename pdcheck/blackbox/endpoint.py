@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from pdcheck.client import complete_all, engine_state
+from pdcheck.client.http import complete_all, engine_state
 from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
 from pdcheck.errors import BadInput
 

@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from pdcheck.client import body
+from pdcheck.client.http import body
 from pdcheck.cluster.messages import GenRequest
 from pdcheck.errors import BadInput
 

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 
 from rich.console import Console
 
-from pdcheck import report
+from pdcheck.report import terminal as report
 from pdcheck.blackbox.endpoint import Budget, Endpoint, engine_states, local_token_pool
 from pdcheck.blackbox.faults import Hook, Schedule, abort_mid_stream, disconnect
 from pdcheck.blackbox.workload import Phase, phases
@@ -28,7 +28,7 @@ from pdcheck.checker.oracle import Calibration, Oracle
 from pdcheck.cluster.messages import GenRequest, GenResult
 from pdcheck.errors import BadInput
 from pdcheck.gate import Checked, completion_kind
-from pdcheck.html_report import write_report
+from pdcheck.report.html import write_report
 from pdcheck.store import RunStore
 from pdcheck.workload.api import api_cases, case_names, probe
 

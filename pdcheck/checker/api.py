@@ -17,7 +17,7 @@ import urllib.request
 from typing import Any
 
 from pdcheck.checker.compare import Outcome
-from pdcheck.client import events
+from pdcheck.client.http import events
 from pdcheck.workload.api import ApiCase
 
 IGNORED = frozenset({"id", "created", "system_fingerprint", "kv_transfer_params", "prompt_tokens_details",

@@ -15,7 +15,7 @@ from pdcheck.cluster.messages import GenRequest
 from pdcheck.cluster.placement import Layout
 from pdcheck.config import EngineSpec, Role
 from pdcheck.connector.stats import Transfer, TransferLogs
-from pdcheck.pd import PDResult, run_pd
+from pdcheck.client.legs import PDResult, run_pd
 
 
 class Deployment:

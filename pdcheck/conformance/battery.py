@@ -14,8 +14,8 @@ from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import EngineSpec
 from pdcheck.gate import Checked, check, leaks
 from pdcheck.nemesis.schedule import Nemesis, Planned
-from pdcheck.repro import connector_options
-from pdcheck.report import failure_line
+from pdcheck.repro.command import connector_options
+from pdcheck.report.terminal import failure_line
 from pdcheck.workload.boundary import FIRST_ORDINARY_TOKEN
 
 SEED, MAX_TOKENS = 0, 16

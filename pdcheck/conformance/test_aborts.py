@@ -20,9 +20,9 @@ import pytest
 from pdcheck.checker.compare import Outcome
 from pdcheck.conformance.battery import prompts, replay_line, run, verdict
 from pdcheck.nemesis.schedule import Planned
-from pdcheck.pd import ABANDONED
+from pdcheck.client.legs import ABANDONED
 from pdcheck.profiles import FailureClass
-from pdcheck.report import failure_line
+from pdcheck.report.terminal import failure_line
 
 FAILURE_CLASS = FailureClass.ABORTS
 LENGTHS = [33, 65, 95, 129]

@@ -18,7 +18,7 @@ from pdcheck.checker.compare import Outcome
 from pdcheck.config import DTYPES
 from pdcheck.conformance.battery import prompts, replay_line, run
 from pdcheck.profiles import FailureClass
-from pdcheck.report import failure_line
+from pdcheck.report.terminal import failure_line
 
 FAILURE_CLASS = FailureClass.ASYMMETRY
 LENGTHS = [65, 129]

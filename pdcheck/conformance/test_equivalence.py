@@ -14,7 +14,7 @@ from pdcheck.gate import check
 from pdcheck.known_defects import known_defect
 from pdcheck.plugin import connector_under_test, engine_specs
 from pdcheck.profiles import FailureClass
-from pdcheck.report import failure_line
+from pdcheck.report.terminal import failure_line
 from pdcheck.workload.boundary import boundary_lengths, boundary_workload
 
 FAILURE_CLASS = FailureClass.EQUIVALENCE

@@ -21,7 +21,7 @@ import pytest
 from pdcheck.checker.compare import Outcome, judge
 from pdcheck.conformance.battery import DEADLINE_S, drain_s, prompts, replay_line, run, verdict
 from pdcheck.gate import leaks
-from pdcheck.pd import decode_request, join, prefill_request, run_pd
+from pdcheck.client.legs import decode_request, join, prefill_request, run_pd
 from pdcheck.profiles import FailureClass
 
 FAILURE_CLASS = FailureClass.HANDLES

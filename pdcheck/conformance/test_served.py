@@ -17,7 +17,7 @@ import pytest
 from pdcheck.checker.api import compare, send
 from pdcheck.checker.compare import judge
 from pdcheck.checker.oracle import Oracle
-from pdcheck.client import complete
+from pdcheck.client.http import complete
 from pdcheck.conformance.battery import DEADLINE_S, MAX_TOKENS, SEED, Run, drain_s, replay_line, verdict
 from pdcheck.gate import Checked, check, expected_external, leaks
 from pdcheck.profiles import FailureClass
@@ -29,7 +29,7 @@ FAILURE_CLASS = FailureClass.SERVED
 
 @pytest.fixture(scope="module")
 def served(spec, pd_pool, pd_run_dir):
-    from pdcheck.cluster.served import ServedCluster
+    from pdcheck.cluster.http_cluster import ServedCluster
 
     pd_pool.release()  # three servers of its own: the pool's engines would crowd them out of the cores
     with ServedCluster(spec, pd_run_dir / "served") as cluster:

@@ -4,7 +4,7 @@ quick-tier test that catches it.
 An entry names its mutant by `module:attribute` and its catching test by pytest node id, both as
 strings: nothing here imports a mutant (several import vLLM or CUDA libraries), so listing the
 catalogue is free. A catching test asserts the mutant's failure, so the test passing means the
-mutant was caught; `pdcheck mutants` (pdcheck.bench_mutants) runs them. Bug classes are the rows
+mutant was caught; `pdcheck mutants` (pdcheck.bench.mutants) runs them. Bug classes are the rows
 of BUGS.md, issue numbers as BUGS.md gives them. suites/test_mutants.py checks that every test
 node exists and that every mutant in pdcheck/mutants/ has an entry here.
 """

@@ -32,7 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from pdcheck.profiles import BUILTIN, REFERENCE_CLASS
-from pdcheck.pd import ACCOUNTING_KEYS
+from pdcheck.client.legs import ACCOUNTING_KEYS
 from pdcheck.proxy.heartbeat import Heartbeat, Instances
 from pdcheck.proxy.policies import NoInstance, Policy
 

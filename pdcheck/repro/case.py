@@ -181,7 +181,7 @@ def run_repro(args, stack, console) -> int:
 
 def export(repro: Repro, path: Path) -> Path:
     """A standalone script (vLLM and torch only) that fails the way the repro does."""
-    from pdcheck import repro_script
+    from pdcheck.repro import script as repro_script
 
     spec, connector = repro.spec, repro.spec.connector
     module = connector.module_path or ""

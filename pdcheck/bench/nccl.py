@@ -1,6 +1,6 @@
 """pdcheck's NCCL bench: the connector's NCCL path against raw NCCL, on two GPUs.
 
-    python -m pdcheck.bench_nccl [--tokens 256 1024 4096 16384] [--warmup 5] [--repeat 25] [--json PATH]
+    python -m pdcheck.bench.nccl [--tokens 256 1024 4096 16384] [--warmup 5] [--repeat 25] [--json PATH]
 
 Rank 0 (GPU 0) sends and rank 1 (GPU 1) receives the same bytes in every mode:
 - raw: the whole request as ONE bf16 message (one ncclSend / ncclRecv);
@@ -334,7 +334,7 @@ def render(table: list[dict], device: str, repeat: int, pairs: str = "GPUs 0-1, 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pdcheck.bench_nccl", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pdcheck.bench.nccl", description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=25)

@@ -25,15 +25,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pdcheck.client import complete_all, engine_state
+from pdcheck.client.http import complete_all, engine_state
 from pdcheck.cluster.instance import cache_dir, free_port, instance_env
 from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
 from pdcheck.cluster.placement import Layout, Placement
-from pdcheck.cluster.serve import wait_healthy
+from pdcheck.cluster.http_server import wait_healthy
 from pdcheck.config import EngineSpec, Role
 from pdcheck.connector.stats import Transfer, TransferLogs
 from pdcheck.errors import BadInput, InstanceFailed
-from pdcheck.pd import PDResult
+from pdcheck.client.legs import PDResult
 from pdcheck.proxy.server import Proxy, ProxySettings
 
 log = logging.getLogger("pdcheck.served")

@@ -37,7 +37,7 @@ from pdcheck.checker.oracle import Calibration
 from pdcheck.gate import Checked
 from pdcheck.history import read_history
 from pdcheck.known_defects import KNOWN_DEFECTS
-from pdcheck.report import COLUMNS, failure_line
+from pdcheck.report.terminal import COLUMNS, failure_line
 
 COMPLETIONS = ("ok", "fail", "info")
 ROW_PX = 16

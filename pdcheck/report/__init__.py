@@ -1,0 +1,1 @@
+"""What a run reports: the terminal summary (`terminal`) and the run folder's report.html (`html`)."""
