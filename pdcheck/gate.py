@@ -13,16 +13,16 @@ import functools
 
 import msgspec
 
-from pdcheck.checker.compare import Outcome, Verdict, judge
+from pdcheck.checker.compare import judge
 from pdcheck.checker.oracle import Calibration, Oracle
+from pdcheck.client.legs import PDResult
 from pdcheck.cluster.deployment import Deployment
-from pdcheck.cluster.messages import GenRequest, GenResult
 from pdcheck.connector.stats import Transfer
 from pdcheck.errors import InstanceFailed
 from pdcheck.history import History
 from pdcheck.known_defects import known_defect
 from pdcheck.nemesis.schedule import Nemesis
-from pdcheck.client.legs import PDResult
+from pdcheck.types import GenRequest, GenResult, Outcome, Verdict
 
 DEADLINE_S = 60.0
 

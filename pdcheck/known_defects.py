@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from pdcheck.checker.compare import Outcome, Verdict
 from pdcheck.profiles import EXAMPLE_CLASS, MOONCAKE_CLASS, MULTI_CLASS, NIXL_CLASS
+from pdcheck.types import Outcome, Verdict
 
 
 @dataclasses.dataclass(frozen=True)

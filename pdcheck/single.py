@@ -24,14 +24,14 @@ from pathlib import Path
 
 import msgspec
 
-from pdcheck.checker.compare import Outcome, judge
+from pdcheck.checker.compare import judge
 from pdcheck.checker.oracle import Oracle
 from pdcheck.cluster.instance import Instance, stop_engine_server
-from pdcheck.cluster.messages import GenRequest
 from pdcheck.cluster.placement import Layout
 from pdcheck.config import EngineSpec, Role, connector_spec, model_path
 from pdcheck.errors import BadInput
 from pdcheck.profiles import ExpectedLoad
+from pdcheck.types import GenRequest, Outcome
 from pdcheck.workload.boundary import FIRST_ORDINARY_TOKEN
 
 FIRST_LENS, FILLER_LEN, FILLERS, MAX_TOKENS, SEED = (127, 128, 129, 130), 129, 4, 16, 0

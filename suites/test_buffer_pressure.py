@@ -16,9 +16,9 @@ import dataclasses
 import msgspec
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
+from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_workload
 
 pytestmark = pytest.mark.vllm

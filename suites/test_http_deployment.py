@@ -21,10 +21,10 @@ from collections import Counter
 
 import pytest
 
-from pdcheck.checker.compare import Outcome, Rule, judge
+from pdcheck.checker.compare import judge
 from pdcheck.client.http import complete, complete_all
-from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import EngineSpec, Role, connector_spec, model_path
+from pdcheck.types import GenRequest, Outcome, Rule
 from pdcheck.workload.boundary import boundary_workload
 
 pytestmark = pytest.mark.vllm

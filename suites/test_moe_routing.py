@@ -32,11 +32,11 @@ import dataclasses
 
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.config import DTYPES, REFERENCE, EngineSpec, connector_spec
 from pdcheck.gate import check
 from pdcheck.moe.variants import ONE_EXPERT, VARIANTS, make_variant, routed_experts
 from pdcheck.repro.command import replay_command
+from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_workload
 
 SEED, MAX_TOKENS = 0, 16

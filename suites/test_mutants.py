@@ -23,12 +23,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pdcheck.checker.compare import Outcome, Rule, judge  # noqa: E402
+from pdcheck.checker.compare import judge  # noqa: E402
 from pdcheck.cluster.messages import GenRequest  # noqa: E402
 from pdcheck.config import REFERENCE, EngineSpec, connector_spec, model_path  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract  # noqa: E402
 from pdcheck.mutants.layouts import guessed_extract, slot_reshape_extract  # noqa: E402
 from pdcheck.plugin import replay_line as replay  # noqa: E402
+from pdcheck.types import Outcome, Rule
 from pdcheck.workload.boundary import boundary_workload  # noqa: E402
 
 
@@ -85,8 +86,8 @@ def test_engine_local_transfer_keys_are_caught_as_errors(pd_pool, pd_history, re
 def test_missing_kv_skipped_silently_is_caught_as_divergence(pd_run_dir, request):
     """Prefill dies before decode pulls: the reference fails the request; this mutant decodes
     on blocks that were never loaded, and the oracle comparison shows it."""
-    from pdcheck.cluster.deployment import Deployment
     from pdcheck.client.legs import decode_request, prefill_request
+    from pdcheck.cluster.deployment import Deployment
 
     spec = mutant_spec("SkipMissingKV", '{"deadline_s": 2}')
     probe = next(r for r in boundary_workload(spec) if len(r.prompt) == 97)

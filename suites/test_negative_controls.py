@@ -12,10 +12,10 @@ import dataclasses
 
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.config import ConnectorSpec, DecodePrompt, EngineSpec, connector_spec, model_path
 from pdcheck.gate import check
 from pdcheck.known_defects import known_defect
+from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_workload
 
 TARGET_LEN = 97  # loads three whole blocks; avoids ExampleConnector's known defects

@@ -13,12 +13,12 @@ import dataclasses
 
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
 from pdcheck.history import read_history
 from pdcheck.nemesis.schedule import PAUSES, Nemesis, plan
+from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_workload
 
 pytestmark = pytest.mark.vllm

@@ -20,13 +20,14 @@ import time
 
 import pytest
 
-from pdcheck.checker.compare import Outcome, Rule, judge
+from pdcheck.checker.compare import judge
+from pdcheck.client.legs import decode_request, prefill_request
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
 from pdcheck.history import History
-from pdcheck.client.legs import decode_request, prefill_request
 from pdcheck.plugin import replay_line as replay
+from pdcheck.types import Outcome, Rule
 from pdcheck.workload.boundary import boundary_workload
 
 pytestmark = pytest.mark.vllm

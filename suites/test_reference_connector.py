@@ -17,13 +17,12 @@ import time
 
 import pytest
 
-from pdcheck.checker.compare import Outcome
-from pdcheck.cluster.messages import GenRequest
-from pdcheck.config import EngineSpec, connector_spec, model_path
-from pdcheck.cluster.deployment import Deployment
-from pdcheck.gate import check, leaks
 from pdcheck.client.legs import decode_request, prefill_request
+from pdcheck.cluster.deployment import Deployment
+from pdcheck.config import EngineSpec, connector_spec, model_path
+from pdcheck.gate import check, leaks
 from pdcheck.report.terminal import failure_line
+from pdcheck.types import GenRequest, Outcome
 from pdcheck.workload.boundary import boundary_workload
 
 MODELS = ["tiny-llama", "tiny-qwen3-moe"]

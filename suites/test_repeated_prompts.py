@@ -14,10 +14,10 @@ import dataclasses
 
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
 from pdcheck.report.terminal import failure_line
+from pdcheck.types import Outcome
 from pdcheck.workload.boundary import repeated_requests
 
 REPEATS, PROMPT_LEN, MAX_TOKENS = 6, 80, 8

@@ -12,8 +12,8 @@ import msgspec
 import pytest
 
 from pdcheck.cli import main
-from pdcheck.cluster.messages import GenRequest
 from pdcheck.repro.case import read, write
+from pdcheck.types import GenRequest
 
 BROKEN = ["--connector", "pdcheck.mutants.connector:CorruptOnLoad", "--connector-config", '{"port": "{port}"}',
           "--model", "tiny-llama", "--dtype", "bfloat16"]

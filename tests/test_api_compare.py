@@ -4,7 +4,7 @@ field named by its path, fields that differ by design left out."""
 from __future__ import annotations
 
 from pdcheck.checker.api import compare, differences, merged
-from pdcheck.checker.compare import Outcome
+from pdcheck.types import Outcome
 from pdcheck.workload.api import ApiCase, api_cases, case_names
 
 CASE = ApiCase("n2-seeded", "/v1/completions", {})

@@ -10,15 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from pdcheck.checker.compare import Outcome, Rule, first_divergence, judge
+from pdcheck.checker.compare import first_divergence, judge
 from pdcheck.checker.oracle import Calibration, Oracle
-from pdcheck.cluster.messages import GenRequest, GenResult
+from pdcheck.client.legs import PDResult
 from pdcheck.config import ConnectorSpec, EngineSpec
 from pdcheck.gate import Checked, judge_one
 from pdcheck.known_defects import known_defect
-from pdcheck.client.legs import PDResult
 from pdcheck.profiles import BUILTIN, EXAMPLE_CLASS, Profile
 from pdcheck.report.terminal import print_summary
+from pdcheck.types import GenRequest, GenResult, Outcome, Rule
 
 STRICT = Calibration(Rule.STRICT, 0.0, 0.0, "stable")
 TOLERANT = Calibration(Rule.TOLERANT, 1e-6, 1e-7, "unstable")

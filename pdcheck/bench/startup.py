@@ -23,10 +23,10 @@ from rich.table import Table
 
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.cluster.instance import Instance, cache_dir
-from pdcheck.cluster.messages import GenRequest
 from pdcheck.cluster.placement import Placement
 from pdcheck.config import EngineSpec, Role, connector_spec, model_path
 from pdcheck.store import RunStore
+from pdcheck.types import GenRequest
 
 PROBE = GenRequest(request_id="probe", prompt=list(range(4, 40)), max_tokens=1)
 

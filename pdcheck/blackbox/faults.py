@@ -20,8 +20,8 @@ import urllib.parse
 from dataclasses import dataclass
 
 from pdcheck.client.http import body
-from pdcheck.cluster.messages import GenRequest
 from pdcheck.errors import BadInput
+from pdcheck.types import GenRequest
 
 
 def connection(url: str, timeout_s: float) -> http.client.HTTPConnection:

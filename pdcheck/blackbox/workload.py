@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pdcheck.cluster.messages import GenRequest
 from pdcheck.errors import BadInput
+from pdcheck.types import GenRequest
 from pdcheck.workload.boundary import boundary_lengths
 
 REPEATS = 6

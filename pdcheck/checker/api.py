@@ -16,8 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.client.http import events
+from pdcheck.types import Outcome
 from pdcheck.workload.api import ApiCase
 
 IGNORED = frozenset({"id", "created", "system_fingerprint", "kv_transfer_params", "prompt_tokens_details",

@@ -16,45 +16,17 @@ Outcome order: hang, error, diverged, fallback (matched, but nothing was loaded)
 
 from __future__ import annotations
 
-import enum
 import math
 import re
 
-import msgspec
 
-from pdcheck.cluster.messages import GenResult
+from pdcheck.types import GenResult, Outcome, Rule, Verdict
 
 WINDOW = 4
 # in error messages: uuids, hex runs of 8+ with a digit, numbers of 5+ digits (request and
 # engine ids, ports, timestamps); status codes and token counts are kept
 ID_LIKE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}"
                      r"|\b(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{8,}\b|\d{5,}")
-
-
-class Outcome(enum.Enum):
-    MATCH = "match"
-    DIVERGED = "diverged"
-    ERROR = "error"
-    HANG = "hang"
-    FALLBACK = "fallback"
-    PARTIAL = "partial"
-
-
-class Rule(enum.Enum):
-    STRICT = "strict"
-    TOLERANT = "tolerant"
-
-
-class Verdict(msgspec.Struct):
-    request_id: str
-    outcome: Outcome
-    rule: Rule
-    detail: str = ""
-    position: int | None = None
-    expected: list[int] = []
-    actual: list[int] = []
-    max_logprob_diff: float = 0.0
-    tie_at: int | None = None  # the accepted near-tie (tolerant rule) the tokens were judged to
 
 
 def first_divergence(expected: list[int], actual: list[int]) -> int | None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import msgspec
 
-from pdcheck.checker.compare import Rule, first_divergence
+from pdcheck.checker.compare import first_divergence
 from pdcheck.cluster.instance import Instance
-from pdcheck.cluster.messages import GenRequest, GenResult
+from pdcheck.types import GenRequest, GenResult, Rule
 
 TOLERANCE_SCALE = 8.0
 TOLERANCE_FLOOR = 1e-6

@@ -16,7 +16,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from pdcheck.cluster.messages import EngineState, GenRequest, GenResult
+from pdcheck.cluster.messages import EngineState
+from pdcheck.types import GenRequest, GenResult
 
 
 def body(request: GenRequest, model: str, stream: bool) -> dict:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import msgspec
 
 from pdcheck.cluster.instance import Instance
-from pdcheck.cluster.messages import GenRequest, GenResult
 from pdcheck.config import ConnectorSpec, DecodePrompt
+from pdcheck.types import GenRequest, GenResult
 
 
 class PDResult(msgspec.Struct):

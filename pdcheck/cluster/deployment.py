@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pdcheck.client.legs import PDResult, run_pd
 from pdcheck.cluster.instance import Instance
-from pdcheck.cluster.messages import GenRequest
 from pdcheck.cluster.placement import Layout
 from pdcheck.config import EngineSpec, Role
 from pdcheck.connector.stats import Transfer, TransferLogs
-from pdcheck.client.legs import PDResult, run_pd
+from pdcheck.types import GenRequest
 
 
 class Deployment:

@@ -9,13 +9,12 @@ import json
 import random
 import shlex
 
-from pdcheck.checker.compare import Outcome
-from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import EngineSpec
 from pdcheck.gate import Checked, check, leaks
 from pdcheck.nemesis.schedule import Nemesis, Planned
-from pdcheck.repro.command import connector_options
 from pdcheck.report.terminal import failure_line
+from pdcheck.repro.command import connector_options
+from pdcheck.types import GenRequest, Outcome
 from pdcheck.workload.boundary import FIRST_ORDINARY_TOKEN
 
 SEED, MAX_TOKENS = 0, 16

@@ -17,12 +17,12 @@ import dataclasses
 import msgspec
 import pytest
 
-from pdcheck.checker.compare import Outcome
+from pdcheck.client.legs import ABANDONED
 from pdcheck.conformance.battery import prompts, replay_line, run, verdict
 from pdcheck.nemesis.schedule import Planned
-from pdcheck.client.legs import ABANDONED
 from pdcheck.profiles import FailureClass
 from pdcheck.report.terminal import failure_line
+from pdcheck.types import Outcome
 
 FAILURE_CLASS = FailureClass.ABORTS
 LENGTHS = [33, 65, 95, 129]

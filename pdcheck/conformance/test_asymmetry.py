@@ -14,11 +14,11 @@ import dataclasses
 
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.config import DTYPES
 from pdcheck.conformance.battery import prompts, replay_line, run
 from pdcheck.profiles import FailureClass
 from pdcheck.report.terminal import failure_line
+from pdcheck.types import Outcome
 
 FAILURE_CLASS = FailureClass.ASYMMETRY
 LENGTHS = [65, 129]

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.conformance.battery import MAX_TOKENS, SEED, replay_line
 from pdcheck.gate import check
 from pdcheck.known_defects import known_defect
 from pdcheck.plugin import connector_under_test, engine_specs
 from pdcheck.profiles import FailureClass
 from pdcheck.report.terminal import failure_line
+from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_lengths, boundary_workload
 
 FAILURE_CLASS = FailureClass.EQUIVALENCE

@@ -18,11 +18,12 @@ import time
 import msgspec
 import pytest
 
-from pdcheck.checker.compare import Outcome, judge
+from pdcheck.checker.compare import judge
+from pdcheck.client.legs import decode_request, join, prefill_request, run_pd
 from pdcheck.conformance.battery import DEADLINE_S, drain_s, prompts, replay_line, run, verdict
 from pdcheck.gate import leaks
-from pdcheck.client.legs import decode_request, join, prefill_request, run_pd
 from pdcheck.profiles import FailureClass
+from pdcheck.types import Outcome
 
 FAILURE_CLASS = FailureClass.HANDLES
 LATE_BY_S = 2.0  # past the hold or lease

@@ -10,9 +10,9 @@ import dataclasses
 
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.conformance.battery import loaded_fully, prompts, run, verdict
 from pdcheck.profiles import FailureClass
+from pdcheck.types import Outcome
 
 FAILURE_CLASS = FailureClass.PREEMPTION
 DECODE_POOL = 13  # blocks: 12 usable, four 90-token prompts' worth; each needs a 4th block as it generates

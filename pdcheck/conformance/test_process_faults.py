@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.conformance.battery import prompts, run, verdict
 from pdcheck.nemesis.schedule import Planned
 from pdcheck.profiles import FailureClass, OnPrefillLoss
+from pdcheck.types import Outcome
 
 FAILURE_CLASS = FailureClass.PROCESS_FAULTS
 LENGTHS = [65, 95, 129]

@@ -16,10 +16,10 @@ import dataclasses
 import msgspec
 import pytest
 
-from pdcheck.checker.compare import Outcome
 from pdcheck.conformance.battery import prompts, run, verdict
 from pdcheck.nemesis.schedule import Planned
 from pdcheck.profiles import FailureClass
+from pdcheck.types import Outcome
 
 FAILURE_CLASS = FailureClass.RECOVERY
 LENGTHS = [65, 129]

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import msgspec
 
-from pdcheck.cluster.messages import GenRequest
 from pdcheck.config import FIXTURES, ConnectorSpec, DecodePrompt, EngineSpec, Role, model_path
 from pdcheck.errors import BadInput
-from pdcheck.profiles import Profile
 from pdcheck.nemesis.schedule import Planned
+from pdcheck.profiles import Profile
+from pdcheck.types import GenRequest
 
 VERSION = 1
 

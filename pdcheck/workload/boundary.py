@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 
-from pdcheck.cluster.messages import GenRequest
+from pdcheck.types import GenRequest
 
 FIRST_ORDINARY_TOKEN = 4  # ids 0-3 are <pad> <s> </s> <unk>
 
