@@ -14,49 +14,16 @@ import functools
 import msgspec
 
 from pdcheck.checker.compare import judge
-from pdcheck.checker.oracle import Calibration, Oracle
+from pdcheck.checker.oracle import Oracle
 from pdcheck.client.legs import PDResult
 from pdcheck.cluster.deployment import Deployment
-from pdcheck.connector.stats import Transfer
 from pdcheck.errors import InstanceFailed
 from pdcheck.history import History
 from pdcheck.known_defects import known_defect
 from pdcheck.nemesis.schedule import Nemesis
-from pdcheck.types import GenRequest, GenResult, Outcome, Verdict
+from pdcheck.types import Calibration, Checked, GenRequest, GenResult, Outcome, Verdict
 
 DEADLINE_S = 60.0
-
-
-class Checked(msgspec.Struct):
-    """A request's verdict with what it needs for reports and replay."""
-
-    config: str
-    prompt_len: int
-    verdict: Verdict
-    external_tokens: int
-    local_tokens: int = 0  # prompt tokens decode found in its own prefix cache
-    known_defect: str | None = None
-    counted: str = ""  # the summary column: the outcome, or `known` for a known defect as recorded
-    transfer: Transfer | None = None  # what the connector's transfer log says moved, if it keeps one
-    faulted: bool = False  # a fault hit its batch: a clean error (or a recompute) is then allowed
-    leak: str | None = None  # an instance still held the request after the drain (see `leaks`)
-
-    @property
-    def outcome(self) -> str:
-        """The class the request ends in: its verdict's outcome, or `leak`."""
-        return "leak" if self.leak else self.verdict.outcome.value
-
-    @property
-    def passed(self) -> bool:
-        """Matched with no known defect expected, or showed a known defect as recorded; never
-        a request still held after the drain, nor one that loaded only part of its prompt."""
-        if self.leak:
-            return False
-        if self.known_defect:
-            return self.counted == "known"
-        if self.faulted:
-            return self.verdict.outcome in (Outcome.MATCH, Outcome.ERROR, Outcome.FALLBACK)  # never PARTIAL
-        return self.verdict.outcome is Outcome.MATCH
 
 
 def check(

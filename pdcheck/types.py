@@ -76,3 +76,69 @@ class Verdict(msgspec.Struct):
     actual: list[int] = []
     max_logprob_diff: float = 0.0
     tie_at: int | None = None  # the accepted near-tie (tolerant rule) the tokens were judged to
+
+
+class Transfer(msgspec.Struct):
+    """What both sides recorded about one transfer key."""
+
+    saved_blocks: int = 0
+    loaded_blocks: int = 0
+    loaded_bytes: int = 0
+    load_seconds: float = 0.0
+    errors: list[str] = []
+
+
+class Calibration(msgspec.Struct, frozen=True):
+    rule: Rule
+    tolerance: float
+    self_diff: float
+    detail: str
+
+
+class EngineState(msgspec.Struct, frozen=True, tag=True):
+    """What an engine holds: the fraction of KV blocks in use, and requests it still has.
+    `held`: the request ids its scheduler still keeps (running, waiting, or finished with their
+    blocks not yet freed), where the engine can be asked; a leak is charged to these."""
+
+    kv_cache_usage: float
+    running: int
+    waiting: int
+    held: tuple[str, ...] = ()
+    connector: str = ""  # what the connector says it still buffers (its optional `held()`), if anything
+
+    @property
+    def idle(self) -> bool:
+        return (self.kv_cache_usage == 0 and self.running == 0 and self.waiting == 0 and not self.held
+                and not self.connector)
+
+
+class Checked(msgspec.Struct):
+    """A request's verdict with what it needs for reports and replay."""
+
+    config: str
+    prompt_len: int
+    verdict: Verdict
+    external_tokens: int
+    local_tokens: int = 0  # prompt tokens decode found in its own prefix cache
+    known_defect: str | None = None
+    counted: str = ""  # the summary column: the outcome, or `known` for a known defect as recorded
+    transfer: Transfer | None = None  # what the connector's transfer log says moved, if it keeps one
+    faulted: bool = False  # a fault hit its batch: a clean error (or a recompute) is then allowed
+    leak: str | None = None  # an instance still held the request after the drain (see `leaks`)
+
+    @property
+    def outcome(self) -> str:
+        """The class the request ends in: its verdict's outcome, or `leak`."""
+        return "leak" if self.leak else self.verdict.outcome.value
+
+    @property
+    def passed(self) -> bool:
+        """Matched with no known defect expected, or showed a known defect as recorded; never
+        a request still held after the drain, nor one that loaded only part of its prompt."""
+        if self.leak:
+            return False
+        if self.known_defect:
+            return self.counted == "known"
+        if self.faulted:
+            return self.verdict.outcome in (Outcome.MATCH, Outcome.ERROR, Outcome.FALLBACK)  # never PARTIAL
+        return self.verdict.outcome is Outcome.MATCH

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from pdcheck.checker.compare import first_divergence, judge
-from pdcheck.checker.oracle import Calibration, Oracle
+from pdcheck.checker.oracle import Oracle
 from pdcheck.client.legs import PDResult
 from pdcheck.config import ConnectorSpec, EngineSpec
-from pdcheck.gate import Checked, judge_one
+from pdcheck.gate import judge_one
 from pdcheck.known_defects import known_defect
 from pdcheck.profiles import BUILTIN, EXAMPLE_CLASS, Profile
 from pdcheck.report.terminal import print_summary
-from pdcheck.types import GenRequest, GenResult, Outcome, Rule
+from pdcheck.types import Calibration, Checked, GenRequest, GenResult, Outcome, Rule
 
 STRICT = Calibration(Rule.STRICT, 0.0, 0.0, "stable")
 TOLERANT = Calibration(Rule.TOLERANT, 1e-6, 1e-7, "unstable")

@@ -20,16 +20,14 @@ from rich.console import Console
 
 from pdcheck.blackbox import runner as blackbox
 from pdcheck.blackbox.faults import Hook, Schedule
-from pdcheck.checker.oracle import Calibration
 from pdcheck.client.legs import PDResult
-from pdcheck.cluster.messages import EngineState
 from pdcheck.gate import check, leaks
 from pdcheck.history import read_history
 from pdcheck.nemesis.schedule import Nemesis, Planned
 from pdcheck.profiles import Profile
 from pdcheck.report.html import write_report
 from pdcheck.store import RunStore
-from pdcheck.types import GenRequest, GenResult, Rule
+from pdcheck.types import Calibration, EngineState, GenRequest, GenResult, Rule
 
 CONFIG = "tiny-llama/bfloat16"
 PAIR = f"{CONFIG} · prefill0 → decode0"

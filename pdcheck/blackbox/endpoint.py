@@ -16,9 +16,8 @@ import urllib.request
 from dataclasses import dataclass
 
 from pdcheck.client.http import complete_all, engine_state
-from pdcheck.cluster.messages import EngineState
 from pdcheck.errors import BadInput
-from pdcheck.types import GenRequest, GenResult
+from pdcheck.types import EngineState, GenRequest, GenResult
 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Prefill computes the prompt's cache; decode "

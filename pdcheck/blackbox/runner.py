@@ -23,13 +23,13 @@ from pdcheck.blackbox.faults import Hook, Schedule, abort_mid_stream, disconnect
 from pdcheck.blackbox.workload import Phase, phases
 from pdcheck.checker import api
 from pdcheck.checker.compare import judge
-from pdcheck.checker.oracle import Calibration, Oracle
+from pdcheck.checker.oracle import Oracle
 from pdcheck.errors import BadInput
-from pdcheck.gate import Checked, completion_kind
+from pdcheck.gate import completion_kind
 from pdcheck.report import terminal as report
 from pdcheck.report.html import write_report
 from pdcheck.store import RunStore
-from pdcheck.types import GenRequest, GenResult, Outcome, Verdict
+from pdcheck.types import Calibration, Checked, GenRequest, GenResult, Outcome, Verdict
 from pdcheck.workload.api import api_cases, case_names, probe
 
 DEADLINE_S = 120.0

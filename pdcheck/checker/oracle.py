@@ -14,7 +14,7 @@ import msgspec
 
 from pdcheck.checker.compare import first_divergence
 from pdcheck.cluster.instance import Instance
-from pdcheck.types import GenRequest, GenResult, Rule
+from pdcheck.types import Calibration, GenRequest, GenResult, Rule
 
 TOLERANCE_SCALE = 8.0
 TOLERANCE_FLOOR = 1e-6
@@ -23,13 +23,6 @@ TOLERANCE_FLOOR = 1e-6
 def unaborted(request: GenRequest) -> GenRequest:
     """What the oracle runs: the request as if its client had waited for the answer."""
     return msgspec.structs.replace(request, abort_step=None, abort_leg=None)
-
-
-class Calibration(msgspec.Struct, frozen=True):
-    rule: Rule
-    tolerance: float
-    self_diff: float
-    detail: str
 
 
 class Oracle:

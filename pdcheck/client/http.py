@@ -16,8 +16,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from pdcheck.cluster.messages import EngineState
-from pdcheck.types import GenRequest, GenResult
+from pdcheck.types import EngineState, GenRequest, GenResult
 
 
 def body(request: GenRequest, model: str, stream: bool) -> dict:

@@ -14,8 +14,8 @@ from pdcheck.client.legs import PDResult, run_pd
 from pdcheck.cluster.instance import Instance
 from pdcheck.cluster.placement import Layout
 from pdcheck.config import EngineSpec, Role
-from pdcheck.connector.stats import Transfer, TransferLogs
-from pdcheck.types import GenRequest
+from pdcheck.connector.stats import TransferLogs
+from pdcheck.types import GenRequest, Transfer
 
 
 class Deployment:

@@ -29,13 +29,12 @@ from pdcheck.client.http import complete_all, engine_state
 from pdcheck.client.legs import PDResult
 from pdcheck.cluster.http_server import wait_healthy
 from pdcheck.cluster.instance import cache_dir, free_port, instance_env
-from pdcheck.cluster.messages import EngineState
 from pdcheck.cluster.placement import Layout, Placement
 from pdcheck.config import EngineSpec, Role
-from pdcheck.connector.stats import Transfer, TransferLogs
+from pdcheck.connector.stats import TransferLogs
 from pdcheck.errors import BadInput, InstanceFailed
 from pdcheck.proxy.server import Proxy, ProxySettings
-from pdcheck.types import GenRequest, GenResult
+from pdcheck.types import EngineState, GenRequest, GenResult, Transfer
 
 log = logging.getLogger("pdcheck.served")
 READY_TIMEOUT_S = 300.0

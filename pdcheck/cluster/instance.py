@@ -21,11 +21,11 @@ from pathlib import Path
 import msgspec
 
 from pdcheck.cluster import worker
-from pdcheck.cluster.messages import Drain, EngineState, Failed, FromWorker, Generate, Ready, Results, Stop
+from pdcheck.cluster.messages import Drain, Failed, FromWorker, Generate, Ready, Results, Stop
 from pdcheck.cluster.placement import Placement
 from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput, InstanceFailed
-from pdcheck.types import GenRequest, GenResult
+from pdcheck.types import EngineState, GenRequest, GenResult
 
 READY_TIMEOUT_S = 180.0
 REPLY_GRACE_S = 10.0  # past a deadline, for a worker stepping its engine to answer

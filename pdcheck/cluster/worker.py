@@ -20,11 +20,11 @@ from pathlib import Path
 
 import msgspec
 
-from pdcheck.cluster.messages import Drain, EngineState, Failed, Ready, Results, Stop, ToWorker
+from pdcheck.cluster.messages import Drain, Failed, Ready, Results, Stop, ToWorker
 from pdcheck.cluster.placement import Placement
 from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput
-from pdcheck.types import GenRequest, GenResult
+from pdcheck.types import EngineState, GenRequest, GenResult
 
 PR_SET_PDEATHSIG = 1
 ABORTED = "aborted by the client"

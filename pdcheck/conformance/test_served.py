@@ -19,8 +19,9 @@ from pdcheck.checker.compare import judge
 from pdcheck.checker.oracle import Oracle
 from pdcheck.client.http import complete
 from pdcheck.conformance.battery import DEADLINE_S, MAX_TOKENS, SEED, Run, drain_s, replay_line, verdict
-from pdcheck.gate import Checked, check, expected_external, leaks
+from pdcheck.gate import check, expected_external, leaks
 from pdcheck.profiles import FailureClass
+from pdcheck.types import Checked
 from pdcheck.workload.api import api_cases, case_names, probe
 from pdcheck.workload.boundary import boundary_workload
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import msgspec
 
+from pdcheck.types import Transfer
+
 
 log = logging.getLogger("pdcheck.connector")
 
@@ -25,16 +27,6 @@ class TransferRecord(msgspec.Struct, frozen=True):
     bytes: int
     seconds: float
     error: str | None = None
-
-
-class Transfer(msgspec.Struct):
-    """What both sides recorded about one transfer key."""
-
-    saved_blocks: int = 0
-    loaded_blocks: int = 0
-    loaded_bytes: int = 0
-    load_seconds: float = 0.0
-    errors: list[str] = []
 
 
 class TransferLog:

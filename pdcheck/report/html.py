@@ -33,11 +33,10 @@ from pathlib import Path
 import msgspec
 
 from pdcheck.checker.compare import WINDOW
-from pdcheck.checker.oracle import Calibration
-from pdcheck.gate import Checked
 from pdcheck.history import read_history
 from pdcheck.known_defects import KNOWN_DEFECTS
 from pdcheck.report.terminal import COLUMNS, failure_line
+from pdcheck.types import Calibration, Checked
 
 COMPLETIONS = ("ok", "fail", "info")
 ROW_PX = 16
