@@ -142,3 +142,35 @@ class Checked(msgspec.Struct):
         if self.faulted:
             return self.verdict.outcome in (Outcome.MATCH, Outcome.ERROR, Outcome.FALLBACK)  # never PARTIAL
         return self.verdict.outcome is Outcome.MATCH
+
+
+class Planned(msgspec.Struct, frozen=True):
+    """A fault planned for the `batch`-th batch of a configuration's requests."""
+
+    batch: int
+    target: str  # "prefill" or "decode": which instance of the batch's pair is paused; or "abort", "kill", "restart"
+    seconds: float  # how long a pause lasts (an abort has no window: 0)
+
+
+class ConfigResult(msgspec.Struct, frozen=True):
+    """What one configuration (or black-box phase) ended with, once its instances were drained:
+    every request's verdict in the order sent, the instances still holding something after the
+    drain (`leaks`), and the faults planned for it. Never changed after it is made."""
+
+    config: str
+    calibration: Calibration | None
+    requests: tuple[Checked, ...]
+    leaks: tuple[str, ...] = ()
+    faults: tuple[Planned, ...] = ()
+    drained: str = ""  # black-box mode: "clean", "leak" or "unknown", from the servers' metrics
+
+    @property
+    def failures(self) -> list[Checked]:
+        return [c for c in self.requests if not c.passed]
+
+
+class RunResults(msgspec.Struct, frozen=True):
+    """results.json: the run's verdict ("valid" or "invalid") and each configuration's result."""
+
+    verdict: str
+    configs: tuple[ConfigResult, ...]

@@ -17,10 +17,11 @@ import json
 import pytest
 
 from pdcheck.cli import main
+from pdcheck.client.legs import ABANDONED
 from pdcheck.config import connector_spec
 from pdcheck.history import read_history
-from pdcheck.nemesis.schedule import Planned, plan
-from pdcheck.client.legs import ABANDONED
+from pdcheck.nemesis.schedule import plan
+from pdcheck.types import Planned
 
 pytestmark = pytest.mark.vllm
 SEED, LENGTHS = 7, [33, 65, 95]

@@ -74,8 +74,8 @@ def test_shrinking_drops_every_earlier_request_the_failure_does_not_need(needed,
 def test_shrinking_drops_faults_the_failure_does_not_need_and_moves_the_rest_with_their_requests():
     """Faults go first, one at a time; then requests, each fault staying on its request (whose
     index changes as earlier requests go) or going with it."""
-    from pdcheck.nemesis.schedule import Planned
     from pdcheck.repro.case import Repro, shrink
+    from pdcheck.types import Planned
 
     requests = [GenRequest(f"r{i}", [5, i], 4) for i in range(6)] + [GenRequest("failing", [9], 4)]
     faults = [Planned(1, "prefill", 1.0), Planned(3, "abort", 0.0), Planned(4, "decode", 0.5), Planned(6, "abort", 0.0)]

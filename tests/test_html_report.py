@@ -23,11 +23,11 @@ from pdcheck.blackbox.faults import Hook, Schedule
 from pdcheck.client.legs import PDResult
 from pdcheck.gate import check, leaks
 from pdcheck.history import read_history
-from pdcheck.nemesis.schedule import Nemesis, Planned
+from pdcheck.nemesis.schedule import Nemesis
 from pdcheck.profiles import Profile
 from pdcheck.report.html import write_report
 from pdcheck.store import RunStore
-from pdcheck.types import Calibration, EngineState, GenRequest, GenResult, Rule
+from pdcheck.types import Calibration, EngineState, GenRequest, GenResult, Planned, Rule
 
 CONFIG = "tiny-llama/bfloat16"
 PAIR = f"{CONFIG} · prefill0 → decode0"

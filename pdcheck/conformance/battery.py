@@ -11,10 +11,10 @@ import shlex
 
 from pdcheck.config import EngineSpec
 from pdcheck.gate import check, leaks
-from pdcheck.nemesis.schedule import Nemesis, Planned
+from pdcheck.nemesis.schedule import Nemesis
 from pdcheck.report.terminal import failure_line
 from pdcheck.repro.command import connector_options
-from pdcheck.types import Checked, GenRequest, Outcome
+from pdcheck.types import Checked, GenRequest, Outcome, Planned
 from pdcheck.workload.boundary import FIRST_ORDINARY_TOKEN
 
 SEED, MAX_TOKENS = 0, 16

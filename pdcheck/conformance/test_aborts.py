@@ -19,10 +19,9 @@ import pytest
 
 from pdcheck.client.legs import ABANDONED
 from pdcheck.conformance.battery import prompts, replay_line, run, verdict
-from pdcheck.nemesis.schedule import Planned
 from pdcheck.profiles import FailureClass
 from pdcheck.report.terminal import failure_line
-from pdcheck.types import Outcome
+from pdcheck.types import Outcome, Planned
 
 FAILURE_CLASS = FailureClass.ABORTS
 LENGTHS = [33, 65, 95, 129]

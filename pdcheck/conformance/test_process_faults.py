@@ -12,9 +12,8 @@ from __future__ import annotations
 import pytest
 
 from pdcheck.conformance.battery import prompts, run, verdict
-from pdcheck.nemesis.schedule import Planned
 from pdcheck.profiles import FailureClass, OnPrefillLoss
-from pdcheck.types import Outcome
+from pdcheck.types import Outcome, Planned
 
 FAILURE_CLASS = FailureClass.PROCESS_FAULTS
 LENGTHS = [65, 95, 129]

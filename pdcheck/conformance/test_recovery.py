@@ -17,9 +17,8 @@ import msgspec
 import pytest
 
 from pdcheck.conformance.battery import prompts, run, verdict
-from pdcheck.nemesis.schedule import Planned
 from pdcheck.profiles import FailureClass
-from pdcheck.types import Outcome
+from pdcheck.types import Outcome, Planned
 
 FAILURE_CLASS = FailureClass.RECOVERY
 LENGTHS = [65, 129]

@@ -26,16 +26,10 @@ import random
 import signal
 import threading
 
-import msgspec
+from pdcheck.types import Planned
 
 PAUSES = ("prefill", "decode")
 KINDS = (*PAUSES, "abort")  # what `plan` draws from; "kill" is asked for by name
-
-
-class Planned(msgspec.Struct, frozen=True):
-    batch: int
-    target: str  # "prefill" or "decode": which instance of the batch's pair is paused; or "abort", "kill", "restart"
-    seconds: float  # how long a pause lasts (an abort has no window: 0)
 
 
 def plan(seed: int, num_batches: int, rate: float = 0.3, longest_s: float = 2.5,

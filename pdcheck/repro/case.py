@@ -24,9 +24,8 @@ import msgspec
 
 from pdcheck.config import FIXTURES, ConnectorSpec, DecodePrompt, EngineSpec, Role, model_path
 from pdcheck.errors import BadInput
-from pdcheck.nemesis.schedule import Planned
 from pdcheck.profiles import Profile
-from pdcheck.types import GenRequest
+from pdcheck.types import GenRequest, Planned
 
 VERSION = 1
 
