@@ -2,11 +2,11 @@
 
 A prefill and a decode peer, each a MemoryPlane with a worker half per mode over it, a paged
 cache and one engine-step actor, run the real core (Outbox, Inbox, KVHandler, KVClient, the
-msgspec messages, WorkerHalf's save and load) on pdcheck.connector.memory's in-memory transport
-and fake clock. Rules announce transfers (GET: decode pulls; PUT: prefill pushes), let decode
-claim them, deliver, lose, duplicate and reorder messages, crash a peer (it restarts empty),
-advance the clock, and heal (deliver everything, let every deadline and hold pass). Checked
-after every step, each failure naming its invariant and the transfer key:
+msgspec messages, WorkerHalf's save and load) on pdcheck.testing.memory_transport's in-memory
+transport and a FakeClock. Rules announce transfers (GET: decode pulls; PUT: prefill pushes),
+let decode claim them, deliver, lose, duplicate and reorder messages, crash a peer (it restarts
+empty), advance the clock, and heal (deliver everything, let every deadline and hold pass).
+Checked after every step, each failure naming its invariant and the transfer key:
 - ends exactly once: a load ends once, delivered (no load error, its blocks hold KV) or failed
   (exactly its blocks reported, none written), never both; prefill reports a request done
   sending (vLLM frees its blocks) at most once.
@@ -42,10 +42,11 @@ from hypothesis.stateful import (  # noqa: E402
 
 from pdcheck.connector.config import Mode, P2PConfig  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract, inject  # noqa: E402
-from pdcheck.connector.actors import FakeClock, Loop, clocked  # noqa: E402
-from pdcheck.connector.memory import Core, MemoryPlane, Network  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
 from pdcheck.mutants.protocol import NoReplyDeadline, TakeKeepsKV  # noqa: E402
+from pdcheck.testing.actors import Loop, clocked  # noqa: E402
+from pdcheck.testing.clock import FakeClock  # noqa: E402
+from pdcheck.testing.memory_transport import Core, MemoryPlane, Network  # noqa: E402
 
 DEADLINE_S, HOLD_S = 1.0, 2.0
 SLACK_S = 0.01  # a control wait polls in whole milliseconds

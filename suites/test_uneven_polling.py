@@ -11,20 +11,13 @@ from hypothesis import strategies as st
 from pdcheck.mutants.proxy import ExpireStopsAtFirstLive, ReinsertOnHeartbeat
 from pdcheck.proxy.policies import LeastOutstanding, NoInstance, RoundRobin, SeededRandom
 from pdcheck.proxy.registry import Registry
+from pdcheck.testing.clock import FakeClock
 
 PREFILLS, DECODES = ["p0", "p1", "p2"], ["d0", "d1"]
 
 
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def registry(cls=Registry, timeout_s: float = 3.0) -> tuple[Registry, Clock]:
-    clock = Clock()
+def registry(cls=Registry, timeout_s: float = 3.0) -> tuple[Registry, FakeClock]:
+    clock = FakeClock(now=0.0)
     reg = cls(timeout_s, clock)
     for address in PREFILLS:
         reg.heartbeat("prefill", address)

@@ -8,7 +8,7 @@ room when announced; one that fits in neither is refused (the sender sees an err
 fails cleanly and is reported). A reservation whose bytes never come lapses after its hold, and
 pushed KV that no load claims within hold_s is dropped.
 Both read time through `clock` and the Inbox waits on a `condition()` (time.monotonic and
-threading.Condition; the protocol model, pdcheck.connector.memory, passes a fake clock and a
+threading.Condition; the protocol model, pdcheck.testing.memory_transport, passes a fake clock and a
 condition that waits in that clock's time).
 """
 

@@ -74,7 +74,7 @@ def from_frame(header: Blocks, data: torch.Tensor) -> torch.Tensor:
 class KVHandler:
     """What a server answers, without its sockets: control requests (`answer`: frames in, the
     reply out) and data connections (`answer_connection`). KVServer puts it on ZMQ and TCP;
-    pdcheck.connector.memory puts it on the protocol model's in-memory transport."""
+    pdcheck.testing.memory_transport puts it on the protocol model's in-memory transport."""
 
     def __init__(self, outbox: Outbox, inbox: Inbox, deadline_s: float = 10.0, data_port: int = 0):
         self.outbox, self.inbox, self.deadline_s, self.data_port = outbox, inbox, deadline_s, data_port
@@ -328,7 +328,7 @@ class KVClient:
         return self.data[address]
 
     def dial(self, host: str, port: int, timeout: float) -> socket.socket:
-        """A data connection to a peer's data port (pdcheck.connector.memory dials in memory)."""
+        """A data connection to a peer's data port (pdcheck.testing.memory_transport dials in memory)."""
         conn = socket.create_connection((host, port), timeout=timeout)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn

@@ -1,7 +1,7 @@
 """Protocol-tier mutants: the connector core broken on purpose, each a line from the correct code.
 
-suites/test_protocol_model.py runs its state machine (pdcheck.connector.memory) on each and
-must find a failing example. The line that differs from the correct code is marked `BUG`.
+suites/test_protocol_model.py runs its state machine (pdcheck.testing.memory_transport) on each
+and must find a failing example. The line that differs from the correct code is marked `BUG`.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 The real core runs unchanged on it: KVHandler answers control requests and data connections,
 KVClient (any subclass) transfers, Outbox and Inbox hold KV, TcpPlane's methods move it. What
 is fake is only what sits under them:
-- time and threads (pdcheck.connector.actors): a FakeClock that every deadline reads, and the
-  real code's threads run one at a time by a Loop, each until it waits on this transport (a
-  poll, a recv, an Inbox wait), so a run is a function of the driver's steps alone;
+- time and threads (pdcheck.testing.actors): the Loop's clock (a FakeClock) that every deadline
+  reads, and the real code's threads run one at a time by the Loop, each until it waits on this
+  transport (a poll, a recv, an Inbox wait), so a run is a function of the driver's steps alone;
 - `Network`: every control message and every chunk of a data stream waits in `pending` until
   the driver delivers, loses, duplicates or reorders it. Control messages (ZMQ) may be lost,
   duplicated and delivered in any order; a data connection (TCP) keeps its order, and losing
@@ -22,12 +22,12 @@ import itertools
 from collections import deque
 from typing import Any, Callable
 
-from pdcheck.connector.actors import Condition, Loop
 from pdcheck.connector.buffers import Inbox, Outbox
 from pdcheck.connector.config import P2PConfig
 from pdcheck.connector.planes import TcpPlane
 from pdcheck.connector.protocol import encode
 from pdcheck.connector.tcp import KVClient, KVHandler
+from pdcheck.testing.actors import Condition, Loop
 
 
 @dataclasses.dataclass(eq=False)

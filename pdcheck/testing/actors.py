@@ -1,8 +1,9 @@
-"""Time and threads for the protocol model (pdcheck.connector.memory): a fake clock, and the
-real code's threads run as actors one at a time, so a run is a function of its driver's steps.
+"""Time and threads for the protocol model (pdcheck.testing.memory_transport): the real code's
+threads run as actors one at a time on a clock the driver passes in, so a run is a function of
+its driver's steps.
 
-- `FakeClock`: time moves only when the driver advances it; `clocked` makes every deadline in
-  pdcheck.connector.tcp and .stream read it.
+- `clocked`: every deadline in pdcheck.connector.tcp and .stream measured on that clock (they
+  read pdcheck.connector.stream.clock, which takes no clock as an argument yet).
 - `Loop`: each actor (a peer's engine step, a server's data connection) runs until it waits
   (`block`), then the driver runs the next runnable one; nothing else is ever concurrent.
   `crash(owner)` unwinds a peer's actors with `Crashed`.
@@ -14,20 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import time
 from typing import Callable
 
 from pdcheck.connector import stream
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @contextlib.contextmanager
@@ -64,8 +55,8 @@ class Loop:
     WATCHDOG_S = 10.0  # real seconds an actor may run without waiting: more means it blocked outside the Loop
     MAX_SWITCHES = 10_000  # per settle: more means actors wake each other forever
 
-    def __init__(self, clock: FakeClock):
-        self.clock = clock
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock  # what `block` timeouts are measured on: the model passes a FakeClock
         self.driver = threading.Lock()  # released: the driver's turn
         self.driver.acquire()
         self.running: Actor | None = None

@@ -1,0 +1,6 @@
+"""What tests, suites and benches run the product against; the product never imports it.
+
+- clock: `FakeClock`, time that moves only when a test advances it;
+- actors and memory_transport: the protocol model's world, an in-memory network whose real
+  connector core (KVHandler, KVClient, Outbox, Inbox) runs as actors one at a time.
+"""
