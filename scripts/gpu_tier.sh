@@ -6,7 +6,7 @@
 #   2. tests: runs the tests marked gpu or multi_gpu in tests/ and suites/ (those needing vLLM, or
 #      more GPUs than the machine has, skip with their reason). The NCCL tests put their ranks on
 #      GPUs of their own where there are enough, else on shared GPUs over NCCL's socket transport
-#      (pdcheck.bench.nccl.place), so on a machine of one GPU they run too;
+#      (pdcheck.testing.gpu.place), so on a machine of one GPU they run too;
 #   3. bench: runs the NCCL benchmark (python -m pdcheck.bench.nccl $PDCHECK_BENCH_ARGS; on one GPU
 #      by default with fewer requests, as it then times loopback sockets, not NVLink);
 #   4. sanitizer: with PDCHECK_SANITIZER=memcheck,racecheck,synccheck (any of them), reruns reference-connector
@@ -148,7 +148,7 @@ gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_
 "$PY" -c "import torch; from pdcheck.connector.nccl_lib import find_library as f; print('torch', torch.__version__, \
 '| GPUs:', [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], '| NCCL:', f())" \
     2>&1 | tee "$out/env.txt"
-pairing=$("$PY" -c "from pdcheck.bench.nccl import pairing; print(pairing())" 2>&1)
+pairing=$("$PY" -c "from pdcheck.testing.gpu import pairing; print(pairing())" 2>&1)
 
 tests_rc=0
 if runs tests; then

@@ -18,9 +18,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pdcheck.bench.nccl import run_pair  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract, inject, num_blocks  # noqa: E402
 from pdcheck.connector.nccl import ChecksumError, LayerSpec, block_checksums, recorded  # noqa: E402
+from pdcheck.testing.gpu import run_pair  # noqa: E402
 
 pytestmark = pytest.mark.gpu  # two GPUs where there are two; else both ranks on one
 DEADLINE_S = 60.0

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import signal
-import socket
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +35,7 @@ import pytest
 torch = pytest.importorskip("torch")
 zmq = pytest.importorskip("zmq")
 
-from pdcheck.bench.nccl import PairError, place, stop  # noqa: E402
+from pdcheck.cluster.instance import free_port  # noqa: E402
 from pdcheck.connector.config import Mode, P2PConfig, Plane  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract  # noqa: E402
 from pdcheck.connector.nccl import recorded  # noqa: E402
@@ -47,6 +44,7 @@ from pdcheck.connector.protocol import Hello, ProtocolError, encode  # noqa: E40
 from pdcheck.connector.stats import read_transfers  # noqa: E402
 from pdcheck.connector.tcp import KVClient  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
+from pdcheck.testing.gpu import Rank, run_ranks  # noqa: E402
 
 DEADLINE_S, KILL_DEADLINE_S, KILL_AFTER_S = 30.0, 6.0, 0.5  # 30 s: time enough under compute-sanitizer too
 STALL_S, CYCLES_PER_S = 0.25, 2_000_000_000  # H100/H200 SMs clock at most ~1.98 GHz: a stall lasts at least STALL_S
@@ -294,52 +292,16 @@ def side(rank: int, run: Run, index: int, barrier) -> tuple[list[str], list[floa
         half.close()
 
 
-def half_main(rank: int, run: Run, results, barrier) -> None:
-    try:
-        place(rank)
-        torch.cuda.set_stream(torch.cuda.Stream())  # the engine's own stream, current on its thread, as in vLLM
-        results.put((rank, True, [side(rank, run, i, barrier) for i in range(len(run.forms))]))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+def half_main(rank: Rank, run: Run) -> list[tuple[list[str], list[float]]]:
+    torch.cuda.set_stream(torch.cuda.Stream())  # the engine's own stream, current on its thread, as in vLLM
+    return [side(rank.index, run, i, rank.barrier) for i in range(len(run.forms))]
 
 
 # -- the parent ---------------------------------------------------------------------------------
 def run_halves(run: Run, ranks: tuple[int, ...] = (0, 1)) -> dict[int, list]:
-    """Prefill (rank 0) and decode (rank 1) in spawned processes, placed by `place`; the results of `ranks`."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    results, barrier = ctx.Queue(), ctx.Barrier(2)
-    procs = [ctx.Process(target=half_main, args=(rank, run, results, barrier), name=f"pdcheck-nccl-plane-{role}")
-             for rank, role in enumerate(("prefill", "decode"))]
-    try:
-        for p in procs:
-            p.start()
-        return collect(results, procs, ranks, time.monotonic() + PAIR_TIMEOUT_S)
-    finally:
-        stop(procs)
-
-
-def collect(results, procs, ranks: tuple[int, ...], deadline_at: float) -> dict[int, list]:
-    outcomes: dict[int, list] = {}
-    while set(outcomes) != set(ranks):
-        try:
-            rank, ok, value = results.get(timeout=1.0)
-        except queue.Empty:
-            dead = [procs[r] for r in ranks if r not in outcomes and procs[r].exitcode is not None]
-            if dead:
-                raise PairError(f"{dead[0].name} exited with code {dead[0].exitcode} before reporting") from None
-            if time.monotonic() > deadline_at:
-                raise TimeoutError(f"ranks {sorted(set(ranks) - set(outcomes))} did not report by their deadline")
-            continue
-        if not ok:
-            raise PairError(f"rank {rank} failed:\n{value}")
-        outcomes[rank] = value
-    return outcomes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Prefill (rank 0) and decode (rank 1) in spawned processes (`run_ranks` places and owns
+    them); the results of `ranks`."""
+    return run_ranks(half_main, (run,), 2, PAIR_TIMEOUT_S, "pdcheck-nccl-plane", wait_for=ranks)
 
 
 def make_run(mode: Mode, variant: str, forms, plan, tmp_path: Path, deadline_s: float = DEADLINE_S) -> Run:

@@ -1,5 +1,5 @@
 """xPyD on the NCCL plane: 2 prefill worker halves (GPUs 0, 1) and 2 decode halves (GPUs 2, 3;
-on fewer GPUs the ranks share them and meet over NCCL's socket transport: bench_nccl.place),
+on fewer GPUs the ranks share them and meet over NCCL's socket transport: pdcheck.testing.gpu),
 each in its own spawned process, one communicator per (prefill, decode) pair, every prefill
 sending to every decode (P0>D0, P1>D0 is 2P1D, P0>D1 is 1P2D) with several requests in flight on
 each decode at once, in GET and PUT.
@@ -11,18 +11,15 @@ those seeds, and that no other block changed.
 
 from __future__ import annotations
 
-import socket
-import time
-import traceback
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from pdcheck.bench.nccl import place, stop  # noqa: E402
+from pdcheck.cluster.instance import free_port  # noqa: E402
 from pdcheck.connector.config import Mode, P2PConfig, Plane  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
+from pdcheck.testing.gpu import PairError, Rank, run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.gpu  # four GPUs where there are four; else the ranks share them
 PREFILLS, DECODES, LAYERS, BLOCKS = 2, 2, 3, 16
@@ -41,20 +38,14 @@ def blocks(p: int, d: int) -> tuple[list[int], list[int]]:
     return src, [8 * p + 3 * d + i for i in range(3)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def role(rank: int) -> tuple[str, int]:
     return ("prefill", rank) if rank < PREFILLS else ("decode", rank - PREFILLS)
 
 
-def run_rank(rank: int, mode: Mode, ports: list[int], barrier) -> list[str]:
-    kind, index = role(rank)
-    device = torch.device("cuda", torch.cuda.current_device())
-    half = WorkerHalf(P2PConfig(port=ports[rank], mode=mode, plane=Plane.NCCL, deadline_s=30.0))
+def run_rank(rank: Rank, mode: Mode, ports: list[int]) -> list[str]:
+    kind, index = role(rank.index)
+    barrier, device = rank.barrier, torch.device("cuda", torch.cuda.current_device())
+    half = WorkerHalf(P2PConfig(port=ports[rank.index], mode=mode, plane=Plane.NCCL, deadline_s=30.0))
     address = [f"127.0.0.1:{port}" for port in ports]
     try:
         barrier.wait(BARRIER_S)  # every server listening
@@ -89,35 +80,14 @@ def run_rank(rank: int, mode: Mode, ports: list[int], barrier) -> list[str]:
         half.close()
 
 
-def rank_main(rank: int, mode: Mode, ports: list[int], results, barrier) -> None:
-    try:
-        place(rank, PREFILLS + DECODES)
-        results.put((rank, run_rank(rank, mode, ports, barrier)))
-    except BaseException:
-        results.put((rank, [f"rank {rank} failed:\n{traceback.format_exc()}"]))
-
-
 @pytest.mark.parametrize("mode", [Mode.GET, Mode.PUT], ids=lambda m: m.value)
 def test_two_prefills_to_two_decodes_arrive_bitwise_exact(mode):
-    ctx = torch.multiprocessing.get_context("spawn")
     ranks = PREFILLS + DECODES
-    results, barrier = ctx.Queue(), ctx.Barrier(ranks)
     ports = [free_port() for _ in range(ranks)]
-    procs = [ctx.Process(target=rank_main, args=(r, mode, ports, results, barrier), name=f"pdcheck-xpyd-{r}")
-             for r in range(ranks)]
-    lines, deadline_at = {}, time.monotonic() + TIMEOUT_S
+    reproduce = f"reproduce: pytest 'tests/test_nccl_xpyd.py' -k {mode.value}"
     try:
-        for p in procs:
-            p.start()
-        while len(lines) < ranks and time.monotonic() < deadline_at:
-            try:
-                rank, found = results.get(timeout=1.0)
-                lines[rank] = found
-            except Exception:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break
-    finally:
-        stop(procs)
-    assert len(lines) == ranks, f"ranks {sorted(set(range(ranks)) - set(lines))} did not report"
+        lines = run_ranks(run_rank, (mode, ports), ranks, TIMEOUT_S, "pdcheck-xpyd")
+    except (PairError, TimeoutError) as e:
+        pytest.fail(f"{e}\n{reproduce}")
     problems = [line for found in lines.values() for line in found]
-    assert not problems, "\n".join(problems) + f"\nreproduce: pytest 'tests/test_nccl_xpyd.py' -k {mode.value}"
+    assert not problems, "\n".join(problems) + f"\n{reproduce}"

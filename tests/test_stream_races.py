@@ -31,10 +31,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pdcheck.bench.nccl import run_pair  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, block_index  # noqa: E402
 from pdcheck.connector.nccl import ChecksumError, LayerSpec, Transfer, recorded  # noqa: E402
 from pdcheck.mutants.gpu import MUTANTS  # noqa: E402
+from pdcheck.testing.gpu import run_pair  # noqa: E402
 
 pytestmark = pytest.mark.gpu  # two GPUs where there are two; else both ranks on one
 REFERENCE = "NcclPeer"

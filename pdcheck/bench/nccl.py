@@ -15,142 +15,34 @@ flight, the time between consecutive ends: bandwidth) and single (one request at
 before the receive is posted: latency, the receiver's host enqueue included). The sender queues
 every send up front. Warm-up requests are dropped; the tables show medians.
 
-`run_pair` owns the two spawned ranks; tests/test_nccl.py runs its scenarios through it too.
-`place` puts a rank on its GPU. On a machine of one GPU both ranks share it and meet over NCCL's
-socket transport instead (NCCL refuses two ranks of one communicator on one GPU): the tests still
-run every byte through NCCL and the plane's streams, but the bench then times loopback sockets,
-not NVLink, and its header says so.
+The two ranks are spawned and placed by pdcheck.testing.gpu (`run_pair`), as in the NCCL tests.
+On a machine of one GPU both ranks share it and meet over NCCL's socket transport instead (NCCL
+refuses two ranks of one communicator on one GPU): the bench then times loopback sockets, not
+NVLink, and its header says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import functools
 import itertools
 import json
 import math
-import os
-import queue
 import statistics
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
 
 from pdcheck.connector.nccl import LayerSpec, NcclPeer, block_checksums, recorded, request_buffer
-from pdcheck.connector.nccl_lib import make_unique_id
+from pdcheck.testing.gpu import PairError, pairing, run_pair
 
 MODES = ("raw", "grouped", "connector", "connector+checksum")
 MEASURES = ("streamed", "single")
 WINDOW = 4
 PEER_DEADLINE_S = 60.0
-JOIN_S = 30.0
-
-
-class PairError(RuntimeError):
-    """A rank of a pair failed; the message holds its traceback."""
-
-
-def run_pair(fn, args: tuple = (), timeout_s: float = 300.0) -> list:
-    """fn(peer, rank, *args) in two spawned processes, rank r on GPU r (`place`), joined by an NcclPeer.
-    Returns [rank 0's result, rank 1's]; a rank's exception comes back as PairError."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    ids, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(2)
-    procs = [ctx.Process(target=pair_main, args=(rank, fn, args, ids, results, barrier, timeout_s),
-                         name=f"pdcheck-nccl-rank{rank}") for rank in (0, 1)]
-    try:
-        for p in procs:
-            p.start()
-        return collect(results, procs, time.monotonic() + timeout_s)
-    finally:
-        stop(procs)
-
-
-def place(rank: int, ranks: int = 2) -> int:
-    """Make this process rank `rank` of `ranks` on its GPU, before its first NCCL communicator:
-    GPU `rank` where there are that many GPUs. With fewer, ranks share them (rank % count) and each
-    rank is a host of its own to NCCL (NCCL_HOSTID), so that ranks on one GPU, which NCCL refuses
-    as duplicates, meet over its socket transport on loopback. Returns the GPU's index."""
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    count = torch.cuda.device_count()
-    if count < ranks:
-        os.environ["NCCL_HOSTID"] = f"pdcheck-rank-{rank}"
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    torch.cuda.set_device(rank % count)
-    return rank % count
-
-
-def pairing(ranks: int = 2) -> str:
-    """Where `place` puts `ranks` ranks on this machine, in words."""
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        return "no CUDA GPU"
-    if count >= ranks:
-        return f"GPUs 0-{ranks - 1}, one rank each"
-    return f"{ranks} ranks on {count} GPU(s), over NCCL's socket transport on loopback (not NVLink)"
-
-
-def pair_main(rank: int, fn, args: tuple, ids, results, barrier, timeout_s: float) -> None:
-    try:
-        device = place(rank)
-        peer = NcclPeer(exchange_id(rank, ids, timeout_s), rank, device, min(PEER_DEADLINE_S, timeout_s))
-        try:
-            results.put((rank, True, fn(peer, rank, *args)))
-            with contextlib.suppress(threading.BrokenBarrierError):
-                barrier.wait(timeout_s)  # neither rank aborts its end while the other still works
-        finally:
-            peer.close()
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
-
-
-def exchange_id(rank: int, ids, timeout_s: float) -> bytes:
-    if rank == 0:
-        unique_id = make_unique_id()
-        ids.put(unique_id)
-        return unique_id
-    return ids.get(timeout=timeout_s)
-
-
-def collect(results, procs, deadline_at: float) -> list:
-    outcomes: dict[int, object] = {}
-    while len(outcomes) < 2:
-        try:
-            rank, ok, value = results.get(timeout=0.5)
-        except queue.Empty:
-            check_alive(procs, deadline_at, outcomes)
-            continue
-        if not ok:
-            raise PairError(f"rank {rank} failed:\n{value}")
-        outcomes[rank] = value
-    return [outcomes[0], outcomes[1]]
-
-
-def check_alive(procs, deadline_at: float, outcomes: dict) -> None:
-    dead = [p for p in procs if p.exitcode is not None and procs.index(p) not in outcomes]
-    if dead:
-        raise PairError(f"{dead[0].name} exited with code {dead[0].exitcode} before reporting")
-    if time.monotonic() > deadline_at:
-        raise TimeoutError(f"ranks {sorted({0, 1} - set(outcomes))} did not report by their deadline")
-
-
-def stop(procs) -> None:
-    deadline_at = time.monotonic() + JOIN_S
-    for p in procs:
-        if p.pid is not None:
-            p.join(max(0.0, deadline_at - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(5)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
 
 
 @dataclass(frozen=True)

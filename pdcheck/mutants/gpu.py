@@ -15,8 +15,8 @@ per-block checksums catch the stream bugs of BUGS.md.
 
 Each mutant subclasses NcclPeer and overrides one method. `over(peer)` gives a mutant view of
 an existing peer (same communicator, streams and state; the peer's owner still closes it), so a
-scenario run by `bench_nccl.run_pair` can swap the behaviour in; constructing one directly
-works like NcclPeer. Never ship these: they exist to be caught.
+scenario run by `pdcheck.testing.gpu.run_pair` can swap the behaviour in; constructing one
+directly works like NcclPeer. Never ship these: they exist to be caught.
 """
 
 from __future__ import annotations
