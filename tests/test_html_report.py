@@ -2,13 +2,13 @@
 deployment with a nemesis pausing a real (sleeping) process, and the black-box runner's
 verdicts, hooks and finish. The page is parsed with html.parser: a bar per request in its lane,
 fault windows with their history times, failures marked with their first differing token,
-counts equal to results.json, and nothing fetched from the network.
+counts equal to results.json, a leak taken from results.json (the history holds one completion
+per request), and nothing fetched from the network.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import time
 from collections import Counter
@@ -22,12 +22,12 @@ from pdcheck.blackbox import runner as blackbox
 from pdcheck.blackbox.faults import Hook, Schedule
 from pdcheck.client.legs import PDResult
 from pdcheck.gate import check, leaks
-from pdcheck.history import read_history
+from pdcheck.history import Completion, Fault, Invoke, read_history
 from pdcheck.nemesis.schedule import Nemesis
 from pdcheck.profiles import Profile
 from pdcheck.report.html import write_report
-from pdcheck.store import RunStore
-from pdcheck.types import Calibration, EngineState, GenRequest, GenResult, Planned, Rule
+from pdcheck.store import RunStore, read_results
+from pdcheck.types import Calibration, ConfigResult, EngineState, GenRequest, GenResult, Planned, Rule, RunResults
 
 CONFIG = "tiny-llama/bfloat16"
 PAIR = f"{CONFIG} · prefill0 → decode0"
@@ -71,13 +71,13 @@ def result(rid: str, tokens: list[int], error: str | None = None) -> GenResult:
 class FakeDeployment:
     """1P1D as gate.check drives it; each request's PD output scripted, decode's process real."""
 
-    def __init__(self, outputs: dict[str, PDResult], process):
+    def __init__(self, outputs: dict[str, PDResult], process, held: tuple[str, ...] = ()):
         connector = SimpleNamespace(profile=Profile(), lineage=())
         self.spec = SimpleNamespace(label=CONFIG, block_size=32, connector=connector)
         self.outputs, self.topology = outputs, "1P1D"
         self.instances = [SimpleNamespace(name=name, process=process,
-                                          drain=lambda _, usage=usage: EngineState(usage, 0, 0))
-                          for name, usage in (("prefill0", 0.0), ("decode0", 0.01))]
+                                          drain=lambda _, usage=usage, held=held: EngineState(usage, 0, 0, held))
+                          for name, usage, held in (("prefill0", 0.0, ()), ("decode0", 0.01, held))]
 
     def pair(self, i):
         return tuple(self.instances)
@@ -114,8 +114,7 @@ def gate_run(tmp_path):
     finally:
         process.kill()
         process.wait()
-    store.write_results({"verdict": "invalid", "configs": [{"config": CONFIG, "calibration": calibration,
-                                                            "requests": checked, "leaks": leaked}]})
+    store.write_results(RunResults("invalid", (ConfigResult(CONFIG, calibration, tuple(checked), tuple(leaked)),)))
     (store.folder / "repro-65-tiny-llama-bfloat16.json").write_text("{}")  # as pdcheck run names it
     store.close()
     return store.folder
@@ -124,24 +123,24 @@ def gate_run(tmp_path):
 def test_every_request_is_a_bar_in_its_pairs_lane_from_invoke_to_outcome(gate_run):
     page = Elements(write_report(gate_run).read_text())
     history = read_history(gate_run / "history.jsonl")
-    invokes = [line for line in history if line["kind"] == "invoke"]
-    outcomes = [line for line in history if line["kind"] in ("ok", "fail", "info")]
+    invokes = [op for op in history if isinstance(op, Invoke)]
+    outcomes = [op for op in history if isinstance(op, Completion)]
     bars = page.having("bar")
-    assert [b["data-request"] for b in bars] == [line["request_id"] for line in invokes]
+    assert [b["data-request"] for b in bars] == [op.request_id for op in invokes]
     assert {b["data-lane"] for b in bars} == {PAIR}
-    assert [float(b["data-start"]) for b in bars] == [line["time"] for line in invokes]
-    assert [float(b["data-end"]) for b in bars] == [line["time"] for line in outcomes]
+    assert [float(b["data-start"]) for b in bars] == [op.time for op in invokes]
+    assert [float(b["data-end"]) for b in bars] == [op.time for op in outcomes]
     assert [b["data-outcome"] for b in bars] == ["match", "error", "fallback", "diverged"]
     assert [label["text"] for label in page.having("lane")] == [PAIR]
 
 
 def test_the_decode_pause_is_shaded_from_inject_to_heal(gate_run):
     page = Elements(write_report(gate_run).read_text())
-    notes = [line for line in read_history(gate_run / "history.jsonl") if line.get("fault") == "pause"]
-    assert [n["phase"] for n in notes] == ["inject", "heal"]
+    faults = [op for op in read_history(gate_run / "history.jsonl") if isinstance(op, Fault) and op.fault == "pause"]
+    assert [f.phase for f in faults] == ["inject", "heal"]
     (window,) = page.having("fault")
     assert window["data-name"] == "pause decode0 (batch 1)" and "pause decode0 (batch 1)" in window["text"]
-    assert (float(window["data-start"]), float(window["data-end"])) == (notes[0]["time"], notes[1]["time"])
+    assert (float(window["data-start"]), float(window["data-end"])) == (faults[0].time, faults[1].time)
 
 
 def test_failures_are_marked_and_the_divergence_shows_its_first_differing_token(gate_run):
@@ -162,15 +161,40 @@ def test_failures_are_marked_and_the_divergence_shows_its_first_differing_token(
 
 def test_counts_per_outcome_and_the_leak_equal_results_json(gate_run):
     page = Elements(write_report(gate_run).read_text())
-    results = json.loads((gate_run / "results.json").read_text())
-    (cfg,) = results["configs"]
+    results = read_results(gate_run)
+    (cfg,) = results.configs
     counts = {c["data-outcome"]: int(c["text"]) for c in page.found if c.get("data-outcome") and c["tag"] == "td"}
-    expected = Counter(c["counted"] for c in cfg["requests"])
+    expected = Counter(c.counted for c in cfg.requests)
     assert set(expected) <= set(counts) and counts == {name: expected[name] for name in counts}
     assert counts["match"] == counts["error"] == counts["fallback"] == counts["diverged"] == 1
     (drained,) = page.having("drained")
-    assert drained["text"] == "leak" and drained["data-leaks"] == str(len(cfg["leaks"])) == "1"
-    assert next(e for e in page.found if e.get("id") == "verdict")["text"] == results["verdict"] == "invalid"
+    assert drained["text"] == "leak" and drained["data-leaks"] == str(len(cfg.leaks)) == "1"
+    assert next(e for e in page.found if e.get("id") == "verdict")["text"] == results.verdict == "invalid"
+
+
+def test_a_request_held_after_the_drain_is_a_leak_from_results_json_with_one_completion(tmp_path):
+    """decode0 still holds r-len33 after the drain: its bar, its count and its failure line say
+    leak, taken from results.json; the history completes it once."""
+    requests = [GenRequest(f"r-len{n}", list(range(n)), 16) for n in (31, 33)]
+    outputs = {r.request_id: PDResult(result(r.request_id, EXPECTED), 32 * (len(r.prompt) > 32),
+                                      GenResult(r.request_id)) for r in requests}
+    oracle = SimpleNamespace(calibration=STRICT, results=lambda rs: [result(r.request_id, EXPECTED) for r in rs])
+    store = RunStore(tmp_path / "runs")
+    deployment = FakeDeployment(outputs, None, held=("r-len33",))
+    calibration, checked = check(deployment, requests, store.history, oracle=oracle)
+    leaked = leaks(deployment, store.history, checked=checked)
+    store.write_results(RunResults("invalid", (ConfigResult(CONFIG, calibration, tuple(checked), tuple(leaked)),)))
+    store.close()
+    completed = [op.request_id for op in read_history(store.folder / "history.jsonl") if isinstance(op, Completion)]
+    assert completed == ["r-len31", "r-len33"]
+    assert [c.leak for c in read_results(store.folder).configs[0].requests] == [
+        None, "decode0 still holds it after the drain"]
+    page = Elements(write_report(store.folder).read_text())
+    assert [(b["data-request"], b["data-outcome"], b["data-failed"]) for b in page.having("bar")] == [
+        ("r-len31", "match", "0"), ("r-len33", "leak", "1")]
+    (cell,) = [c for c in page.found if c.get("data-outcome") == "leak" and c["tag"] == "td"]
+    assert cell["text"] == "1"
+    assert any("r-len33: leak" in e["text"] and e["tag"] == "li" for e in page.found)
 
 
 def test_a_partial_load_is_counted_colored_and_failed(tmp_path):
@@ -181,8 +205,7 @@ def test_a_partial_load_is_counted_colored_and_failed(tmp_path):
     oracle = SimpleNamespace(calibration=STRICT, results=lambda rs: [result(r.request_id, EXPECTED) for r in rs])
     store = RunStore(tmp_path / "runs")
     calibration, checked = check(FakeDeployment(outputs, None), requests, store.history, oracle=oracle)
-    store.write_results({"verdict": "invalid", "configs": [{"config": CONFIG, "calibration": calibration,
-                                                            "requests": checked, "leaks": []}]})
+    store.write_results(RunResults("invalid", (ConfigResult(CONFIG, calibration, tuple(checked)),)))
     store.close()
     text = write_report(store.folder).read_text()
     page = Elements(text)
@@ -212,15 +235,15 @@ def test_a_black_box_run_gets_a_lane_per_phase_and_its_hook_window(tmp_path):
                             ("client-faults", ["duplicate-id", "duplicate-id"], 1)):
         requests = [GenRequest(rid, [1] * 31, 16) for rid in ids]
         for r in requests:
-            history.record("invoke", config=phase, request_id=r.request_id, prompt_len=len(r.prompt))
+            history.record(Invoke(config=phase, request_id=r.request_id, prompt_len=len(r.prompt)))
         checked = []
         for i, r in enumerate(requests):
             hooks.before([i] if phase == "boundary" else [], history)
             got = result(r.request_id, [9] * 16 if i == bad else EXPECTED)
             checked.append(blackbox.verdict(phase, r, got, result(r.request_id, EXPECTED), STRICT, 32, history))
         if phase == "boundary":
-            history.record("note", fault="abort-mid-stream", request_id="abort-mid-stream-len31",
-                           detail="closed the stream after 2 chunks")
+            history.record(Fault(config=phase, fault="abort-mid-stream", request_id="abort-mid-stream-len31",
+                                 detail="closed the stream after 2 chunks"))
         configs.append({"config": phase, "calibration": STRICT, "requests": checked, "leaks": []})
     configs[-1].update(drained="unknown")
     out = io.StringIO()
@@ -234,9 +257,10 @@ def test_a_black_box_run_gets_a_lane_per_phase_and_its_hook_window(tmp_path):
         ("boundary", "r-len31"), ("boundary", "r-len32"), ("boundary", "r-len33"),
         ("client-faults", "duplicate-id"), ("client-faults", "duplicate-id")]
     assert [b["data-failed"] for b in bars] == ["0", "0", "0", "0", "1"]
-    notes = {line["fault"]: line["time"] for line in read_history(store.folder / "history.jsonl") if "fault" in line}
+    faults = {(op.fault, op.phase): op.time for op in read_history(store.folder / "history.jsonl")
+              if isinstance(op, Fault)}
     hook, point = page.having("fault")
     assert (hook["data-name"], float(hook["data-start"]), float(hook["data-end"])) == (
-        "hook: true", notes["hook"], notes["heal"])
-    assert "point" in point["class"] and float(point["data-start"]) == notes["abort-mid-stream"]
+        "hook: true", faults["hook", "inject"], faults["hook", "heal"])
+    assert "point" in point["class"] and float(point["data-start"]) == faults["abort-mid-stream", "act"]
     assert page.having("drained", data_config="client-faults")[0]["text"] == "unknown"

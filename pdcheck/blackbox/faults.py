@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from pdcheck.client.http import body
 from pdcheck.errors import BadInput
+from pdcheck.history import Fault
 from pdcheck.types import GenRequest
 
 
@@ -73,11 +74,12 @@ class Hook:
         started = time.monotonic()
         try:
             done = subprocess.run(self.command, shell=True, capture_output=True, text=True, timeout=timeout_s)
-            outcome = {"returncode": done.returncode, "output": (done.stdout + done.stderr)[-500:]}
+            returncode, output = done.returncode, (done.stdout + done.stderr)[-500:]
         except subprocess.TimeoutExpired:
-            outcome = {"returncode": None, "output": f"still running after {timeout_s}s; stopped"}
-        history.record("note", fault="heal" if self.heal else "hook", command=self.command, before_request=self.at,
-                       seconds=round(time.monotonic() - started, 3), **outcome)
+            returncode, output = None, f"still running after {timeout_s}s; stopped"
+        history.record(Fault(fault="hook", phase="heal" if self.heal else "inject", command=self.command,
+                             before_request=self.at, seconds=round(time.monotonic() - started, 3),
+                             returncode=returncode, output=output))
 
 
 class Schedule:

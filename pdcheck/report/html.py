@@ -11,6 +11,10 @@
 - per request, shown when its bar is clicked: what was recorded, expected vs got tokens with the
   first differing position highlighted, and `pdcheck repro <file>` where the run wrote one.
 
+Both files are read through their typed readers (`read_history`, `read_results`). A request's
+outcome and its leak (an instance still held it after the drain) come from results.json; the
+history gives its times, lane and tokens.
+
 The history keeps both whole token lists (the gate's outcome lines carry `tokens` and
 `expected`); for a history without `expected`, the row shows the results' window of the
 oracle's tokens around the first difference.
@@ -33,44 +37,33 @@ from pathlib import Path
 import msgspec
 
 from pdcheck.checker.compare import WINDOW
-from pdcheck.history import read_history
+from pdcheck.history import Completion, Fault, Invoke, Operation, read_history
 from pdcheck.known_defects import KNOWN_DEFECTS
-from pdcheck.report.terminal import COLUMNS, failure_line
-from pdcheck.types import Calibration, Checked
+from pdcheck.report.terminal import COLUMNS, column, failure_line
+from pdcheck.store import read_results
+from pdcheck.types import Checked, RunResults
 
-COMPLETIONS = ("ok", "fail", "info")
 ROW_PX = 16
-
-
-class ConfigResults(msgspec.Struct):
-    config: str
-    requests: list[Checked]
-    calibration: Calibration | None = None
-    leaks: list[str] = []
-    drained: str | None = None  # black-box runs say it themselves; local runs: clean unless leaks
-
-
-class Results(msgspec.Struct):
-    verdict: str
-    configs: list[ConfigResults]
 
 
 @dataclass
 class Bar:
     index: int
     lane: str
-    invoke: dict
+    invoke: Invoke
     start: float
     end: float
-    done: dict | None = None  # the ok / fail / info line; None if the history ends first
+    done: Completion | None = None  # the ok / fail / info op; None if the history ends first
     checked: Checked | None = None  # its entry in results.json
     row: int = 0  # overlapping bars in one lane stack in rows
 
     @property
     def outcome(self) -> str:
         if self.checked:
-            return self.checked.counted
-        return self.done["verdict"]["outcome"] if self.done else "unfinished"
+            return column(self.checked)
+        if self.done and self.done.verdict:
+            return self.done.verdict.outcome.value
+        return "unfinished"
 
     @property
     def is_failed(self) -> bool:
@@ -88,8 +81,8 @@ class Window:
 def write_report(folder: Path) -> Path:
     folder = Path(folder)
     history = read_history(folder / "history.jsonl")
-    results = msgspec.json.decode((folder / "results.json").read_bytes(), type=Results)
-    end = max((line["time"] for line in history), default=0.0)
+    results = read_results(folder)
+    end = max((op.time for op in history), default=0.0)
     bars = make_bars(history, results, end)
     body = [summary(results), failures(bars, folder), timeline(bars, fault_windows(history, end)),
             *(details(bar, folder) for bar in bars)]
@@ -99,67 +92,61 @@ def write_report(folder: Path) -> Path:
     return path
 
 
-def lane(invoke: dict) -> str:
-    config = invoke.get("config", "")
-    if "prefill" in invoke and "decode" in invoke:
-        return f"{config} · {invoke['prefill']} → {invoke['decode']}"
-    if invoke.get("topology") == "1P1D":
-        return f"{config} · prefill0 → decode0"
-    return config
+def lane(invoke: Invoke) -> str:
+    if invoke.prefill and invoke.decode:
+        return f"{invoke.config} · {invoke.prefill} → {invoke.decode}"
+    if invoke.topology == "1P1D":
+        return f"{invoke.config} · prefill0 → decode0"
+    return invoke.config
 
 
-def make_bars(history: list[dict], results: Results, end: float) -> list[Bar]:
-    """A bar per invoke line, closed by the next outcome line of the same configuration and id
-    (ids can repeat: the black-box run sends two requests under one id); the k-th outcome line of
-    a configuration is its k-th entry in results.json, both being written in judging order."""
+def make_bars(history: list[Operation], results: RunResults, end: float) -> list[Bar]:
+    """A bar per invoke, closed by the next completion of the same configuration and id (ids can
+    repeat: the black-box run sends two requests under one id); the k-th completion of a
+    configuration is its k-th entry in results.json, both being written in judging order."""
     judged = {cfg.config: iter(cfg.requests) for cfg in results.configs}
     waiting: dict[tuple, list[Bar]] = defaultdict(list)
     bars = []
-    for line in history:
-        key = (line.get("config", ""), line.get("request_id"))
-        if line["kind"] == "invoke" and key[1] is not None:
-            bar = Bar(len(bars), lane(line), line, line["time"], end)
+    for op in history:
+        if isinstance(op, Invoke):
+            bar = Bar(len(bars), lane(op), op, op.time, end)
             bars.append(bar)
-            waiting[key].append(bar)
-        elif line["kind"] in COMPLETIONS and waiting.get(key):
-            bar = waiting[key].pop(0)
-            bar.done, bar.end = line, line["time"]
-            bar.checked = next(judged.get(key[0], iter(())), None)
+            waiting[op.config, op.request_id].append(bar)
+        elif isinstance(op, Completion) and waiting.get((op.config, op.request_id)):
+            bar = waiting[op.config, op.request_id].pop(0)
+            bar.done, bar.end = op, op.time
+            bar.checked = next(judged.get(op.config, iter(())), None)
     return bars
 
 
-def fault_windows(history: list[dict], end: float) -> list[Window]:
-    """Inject to heal (a heal naming no instance closes the oldest open window), a hook to the next
-    heal; a fault never healed runs to the end of the history; other faults are points."""
+def fault_windows(history: list[Operation], end: float) -> list[Window]:
+    """Inject to heal (a heal naming no open window's instance closes the oldest open window); a
+    fault never healed runs to the end of the history; point faults (phase `act`) are points."""
     windows, open_ = [], []
-    for line in history:
-        fault, t = line.get("fault"), line["time"]
-        if line["kind"] != "note" or not fault:
-            continue
-        if line.get("phase") == "inject" or fault == "hook":
-            name = f"pause {line.get('instance')} (batch {line.get('batch')})" if fault == "pause" else \
-                f"{fault}: {line.get('command', '')}"
-            window = Window(name, t, end, healed=False)
+    for op in (op for op in history if isinstance(op, Fault)):
+        if op.phase == "inject":
+            name = f"pause {op.instance} (batch {op.batch})" if op.fault == "pause" else f"{op.fault}: {op.command}"
+            window = Window(name, op.time, end, healed=False)
             windows.append(window)
-            open_.append((line.get("instance"), window))
-        elif line.get("phase") == "heal" or fault == "heal":
-            match = next((o for o in open_ if o[0] == line.get("instance")), open_[0] if open_ else None)
+            open_.append((op.instance, window))
+        elif op.phase == "heal":
+            match = next((o for o in open_ if o[0] == op.instance), open_[0] if open_ else None)
             if match:
                 open_.remove(match)
-                match[1].end, match[1].healed = t, True
+                match[1].end, match[1].healed = op.time, True
             else:
-                windows.append(Window(f"{fault}: {line.get('command', '')}", t, t))
+                windows.append(Window(f"{'heal' if op.fault == 'hook' else op.fault}: {op.command}", op.time, op.time))
         else:
-            windows.append(Window(f"{fault} {line.get('request_id', '')}".strip(), t, t))
+            windows.append(Window(f"{op.fault} {op.request_id}".strip(), op.time, op.time))
     return windows
 
 
-def summary(results: Results) -> str:
-    columns = COLUMNS + sorted({c.counted for cfg in results.configs for c in cfg.requests} - set(COLUMNS))
+def summary(results: RunResults) -> str:
+    columns = COLUMNS + sorted({column(c) for cfg in results.configs for c in cfg.requests} - set(COLUMNS))
     head = "".join(f"<th>{escape(name)}</th>" for name in ["configuration", "rule", "requests", *columns, "drained"])
     rows = []
     for cfg in results.configs:
-        counts = Counter(c.counted for c in cfg.requests)
+        counts = Counter(column(c) for c in cfg.requests)
         drained = cfg.drained or ("leak" if cfg.leaks else "clean")
         cells = "".join(f'<td class="n{"" if counts[name] else " zero"}" data-config="{escape(cfg.config)}" '
                         f'data-outcome="{escape(name)}">{counts[name]}</td>' for name in columns)
@@ -214,12 +201,12 @@ def stack(bars: list[Bar]) -> dict[str, int]:
 
 
 def bar_html(bar: Bar, left: float, right: float, top: int) -> str:
-    rid = bar.invoke["request_id"]
-    title = f"{rid} ({bar.invoke.get('config', '')}): {bar.outcome}, {bar.start:.3f}-{bar.end:.3f}s"
+    rid = bar.invoke.request_id
+    title = f"{rid} ({bar.invoke.config}): {bar.outcome}, {bar.start:.3f}-{bar.end:.3f}s"
     return (f'<a class="bar o-{escape(bar.outcome)}{" failed" if bar.is_failed else ""}" href="#d-{bar.index}" '
             f'style="left:{left:.3f}%;width:{max(right - left, 0.2):.3f}%;top:{top + 2 + bar.row * ROW_PX}px" '
             f'title="{escape(title)}" data-request="{escape(rid)}" '
-            f'data-config="{escape(bar.invoke.get("config", ""))}" '
+            f'data-config="{escape(bar.invoke.config)}" '
             f'data-lane="{escape(bar.lane)}" data-outcome="{escape(bar.outcome)}" data-failed="{int(bar.is_failed)}" '
             f'data-start="{bar.start}" data-end="{bar.end}"></a>')
 
@@ -251,20 +238,20 @@ def legend(bars: list[Bar]) -> str:
 
 
 def details(bar: Bar, folder: Path) -> str:
-    c, done = bar.checked, bar.done or {}
-    facts = {"configuration": bar.invoke.get("config", ""), "lane": bar.lane,
-             "prompt length": bar.invoke.get("prompt_len"),
+    c, done = bar.checked, bar.done
+    facts = {"configuration": bar.invoke.config, "lane": bar.lane, "prompt length": bar.invoke.prompt_len,
              "outcome": bar.outcome + (" (failed)" if bar.is_failed else ""),
              "time": f"invoked {bar.start:.3f}s, outcome {bar.end:.3f}s ({bar.end - bar.start:.3f}s)"}
     if c:
         facts |= {"rule": c.verdict.rule.value, "detail": c.verdict.detail, "external tokens": c.external_tokens,
-                  "faulted": c.faulted, "known defect": c.known_defect,
+                  "faulted": c.faulted, "known defect": c.known_defect, "leak": c.leak,
                   "transfer": json.dumps(msgspec.to_builtins(c.transfer)) if c.transfer else None}
     rows = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in facts.items() if v not in (None, ""))
     repro = "".join(f"<p><code>{escape(line)}</code></p>" for line in reproduce_lines(bar, folder))
-    return (f'<section class=detail id="d-{bar.index}" data-request="{escape(bar.invoke["request_id"])}">'
-            f'<h3>{escape(bar.invoke["request_id"])} <a href="#">close</a></h3><dl>{rows}</dl>'
-            f"{token_diff(c, done.get('tokens'), done.get('expected'))}{repro}</section>")
+    rid = escape(bar.invoke.request_id)
+    tokens = token_diff(c, done.tokens, done.expected) if done else token_diff(c, None)
+    return (f'<section class=detail id="d-{bar.index}" data-request="{rid}">'
+            f'<h3>{rid} <a href="#">close</a></h3><dl>{rows}</dl>{tokens}{repro}</section>')
 
 
 def token_diff(checked: Checked | None, got: list[int] | None, oracle: list[int] | None = None) -> str:

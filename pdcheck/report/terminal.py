@@ -1,31 +1,48 @@
-"""Terminal reports: a summary table with a row per configuration, and failure lines."""
+"""Terminal reports: a summary table with a row per configuration, and failure lines.
+
+A request is counted in one column (`column`): `leak` where an instance still held it after the
+drain, else the class it was judged to (`known` for a known defect as recorded).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 
+import msgspec
 from rich.console import Console
 from rich.table import Table
 
 from pdcheck.known_defects import KNOWN_DEFECTS
+from pdcheck.types import Checked, ConfigResult
 
 COLUMNS = ["match", "diverged", "error", "hang", "fallback", "partial", "known", "leak"]
 
 
-def print_summary(console: Console, configs: list[dict]) -> None:
+def column(checked: Checked) -> str:
+    return "leak" if checked.leak else checked.counted or checked.verdict.outcome.value
+
+
+def typed(configs: list[ConfigResult | dict]) -> list[ConfigResult]:
+    """ConfigResults as they are; a dict with their fields (as callers wrote them before
+    ConfigResult) converted to one."""
+    return [cfg if isinstance(cfg, ConfigResult) else msgspec.convert(cfg, ConfigResult) for cfg in configs]
+
+
+def print_summary(console: Console, configs: list[ConfigResult]) -> None:
     table = Table(title="pdcheck: PD vs oracle")
     for name in ["configuration", "rule", "requests", *COLUMNS, "drained"]:
         table.add_column(name, justify="left" if name in ("configuration", "rule") else "right")
-    for cfg in configs:
-        counts = Counter(c.counted for c in cfg["requests"])
-        drained = cfg.get("drained") or ("leak" if cfg["leaks"] else "clean")
-        table.add_row(cfg["config"], cfg["calibration"].rule.value, str(len(cfg["requests"])),
-                      *(str(counts.get(name, 0)) for name in COLUMNS), drained)
+    for cfg in typed(configs):
+        counts = Counter(column(c) for c in cfg.requests)
+        drained = cfg.drained or ("leak" if cfg.leaks else "clean")
+        rule = cfg.calibration.rule.value if cfg.calibration else ""
+        table.add_row(cfg.config, rule, str(len(cfg.requests)), *(str(counts.get(name, 0)) for name in COLUMNS),
+                      drained)
     console.print(table)
 
 
-def print_known_defects(console: Console, configs: list[dict]) -> None:
-    seen = {c.known_defect for cfg in configs for c in cfg["requests"] if c.counted == "known"}
+def print_known_defects(console: Console, configs: list[ConfigResult]) -> None:
+    seen = {c.known_defect for cfg in typed(configs) for c in cfg.requests if c.counted == "known"}
     for defect in KNOWN_DEFECTS:
         if defect.name in seen:
             console.print(f"known defect {defect.name}: {defect.summary}\n  reproducer: {defect.reproducer}",

@@ -1,0 +1,96 @@
+"""The history is typed: every op written by History.record reads back as the same op (with the
+time History gave it), a line that does not decode is an error naming the file and the line,
+and the old `record("kind", **fields)` form lands on the same types, a leak never as a second
+completion.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from pdcheck.history import Fail, Fault, History, Info, Invoke, Note, Ok, read_history
+from pdcheck.types import Calibration, EngineState, Outcome, Rule, Transfer, Verdict
+
+STRICT = Calibration(Rule.STRICT, 0.0, 0.0, "oracle bitwise stable")
+DIVERGED = Verdict("r-len65", Outcome.DIVERGED, Rule.STRICT, "token 5", position=5, expected=[105], actual=[7])
+OPS = [
+    Note(config="c", calibration=STRICT),
+    Invoke(config="c", request_id="r-len65", prompt_len=65, topology="1P1D", prefill="prefill0", decode="decode0"),
+    Invoke(config="api", request_id="api-n2", body={"n": 2, "seed": 7}),
+    Ok(config="c", request_id="r-len31", verdict=Verdict("r-len31", Outcome.MATCH, Rule.STRICT), external_tokens=0),
+    Fail(config="c", request_id="r-len65", verdict=DIVERGED, external_tokens=64, known_defect="some-defect",
+         transfer=Transfer(saved_blocks=2, loaded_blocks=2, loaded_bytes=4096), faulted=True, tokens=[1, 7],
+         expected=[1, 105]),
+    Info(config="c", request_id="r-len95", detail="timed out"),
+    Fault(config="c", fault="pause", phase="inject", batch=1, instance="decode0", seconds=0.1),
+    Fault(config="c", fault="pause", phase="heal", batch=1, instance="decode0"),
+    Fault(fault="hook", phase="inject", command="kill -STOP 1", before_request=3, seconds=0.01, returncode=0),
+    Fault(config="client-faults", fault="disconnect", request_id="disconnect-len31", detail="closed"),
+    Note(config="c", instance="decode0", drained=EngineState(0.01, 0, 0, held=("r-len65",))),
+    Note(config="c", instance="prefill0"),  # not running: no state
+    Note(metrics_before={"http://a": EngineState(0.0, 0, 0), "http://b": None}),
+]
+
+
+def written(tmp_path, ops) -> list:
+    history = History(tmp_path / "history.jsonl")
+    for op in ops:
+        history.record(op)
+    history.close()
+    return read_history(history.path)
+
+
+def test_every_op_reads_back_as_the_same_type_with_its_time(tmp_path):
+    read = written(tmp_path, OPS)
+    assert [msgspec.structs.replace(op, time=0.0) for op in read] == OPS
+    times = [op.time for op in read]
+    assert times == sorted(times) and all(t > 0 for t in times)
+
+
+def test_lines_are_tagged_by_kind_and_leave_defaults_out(tmp_path):
+    written(tmp_path, [Fault(config="c", fault="disconnect", request_id="d-len31")])
+    (line,) = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert set(msgspec.json.decode(line)) == {"kind", "time", "config", "fault", "request_id"}
+    assert msgspec.json.decode(line)["kind"] == "fault"
+
+
+def test_a_line_that_does_not_decode_names_the_file_and_line(tmp_path):
+    path = tmp_path / "history.jsonl"
+    written(tmp_path, OPS[:2])
+    with path.open("ab") as f:
+        f.write(b'{"kind": "invoke", "config": "c"}\n')  # no request_id
+    with pytest.raises(ValueError, match=f"{path}:3: "):
+        read_history(path)
+    path.write_bytes(b'{"kind": "note"}\n\n{"kind": "launch", "time": 1.0}\n')
+    with pytest.raises(ValueError, match=f"{path}:3: "):
+        read_history(path)
+
+
+def test_the_old_form_lands_on_the_types(tmp_path):
+    history = History(tmp_path / "history.jsonl")
+    history.record("note", config="c", calibration=STRICT)
+    history.record("invoke", config="c", request_id="r", prompt_len=3, topology="1P1D")
+    history.record("fail", config="c", request_id="r", verdict=DIVERGED, tokens=[1, 7])
+    history.record("note", fault="pause", phase="inject", batch=1, instance="decode0", seconds=0.1)
+    history.record("note", fault="abort-mid-stream", request_id="a-len31", detail="closed")
+    history.record("note", config="c", instance="decode0", drained=None)
+    history.close()
+    note, invoke, fail, pause, abort, drained = read_history(history.path)
+    assert note == Note(time=note.time, config="c", calibration=STRICT)
+    assert invoke == Invoke(time=invoke.time, config="c", request_id="r", prompt_len=3, topology="1P1D")
+    assert fail == Fail(time=fail.time, config="c", request_id="r", verdict=DIVERGED, tokens=[1, 7])
+    assert (type(pause), pause.phase, pause.seconds) == (Fault, "inject", 0.1)
+    assert (type(abort), abort.phase, abort.request_id) == (Fault, "act", "a-len31")
+    assert drained == Note(time=drained.time, config="c", instance="decode0")
+
+
+def test_a_leak_in_the_old_form_is_a_note_not_a_second_completion(tmp_path):
+    history = History(tmp_path / "history.jsonl")
+    history.record(Invoke(config="c", request_id="r"))
+    history.record(Ok(config="c", request_id="r"))
+    history.record("fail", config="c", request_id="r", leak="prefill0 still holds it after the drain")
+    history.close()
+    ops = read_history(history.path)
+    assert [type(op) for op in ops] == [Invoke, Ok, Note]
+    assert (ops[2].request_id, ops[2].detail) == ("r", "prefill0 still holds it after the drain")
