@@ -18,11 +18,12 @@ import pytest
 import zmq
 from aiohttp import web
 
-from pdcheck.bench.proxy import FakeBackend, registered
+from pdcheck.bench.proxy import registered
 from pdcheck.errors import BadInput
 from pdcheck.proxy.heartbeat import ENCODER, Heartbeat, HeartbeatSender
 from pdcheck.proxy.policies import RoundRobin
 from pdcheck.proxy.server import AppThread, Proxy, ProxySettings
+from pdcheck.testing.fake_backend import FakeBackend
 
 MODEL = "fake-model"
 INTERVAL_S, EXPIRY_S = 0.05, 0.3

@@ -1,16 +1,12 @@
 """`pdcheck bench proxy`: the latency the PD proxy adds to a request, on loopback.
 
-Fake prefill and decode backends (`FakeBackend`: tiny aiohttp servers that answer a fixed
-completion and `kv_transfer_params` at once) register with a proxy by heartbeat. The same
+Fake prefill and decode backends (pdcheck.testing.fake_backend's `FakeBackend`: tiny aiohttp
+servers that answer a fixed completion and `kv_transfer_params` at once) register with a proxy
+by heartbeat. The same
 request is then sent `--requests` times straight to the decode backend and `--requests` times
 through the proxy (prefill leg, then decode leg), interleaved, one at a time, after a warm-up.
 Printed: p50 and p99 of both, and the added latency (proxy minus direct, per percentile), in ms.
 The target is an added p50 of at most 2 ms.
-
-`FakeBackend` is also the stand-in vLLM server of tests/test_http_proxy.py: it records every
-request it gets (path, headers, body) and answers like vLLM 0.32's OpenAI server: the
-completion, or SSE chunks (one per word) ending in `data: [DONE]`, with a top-level
-`kv_transfer_params`; a prompt longer than `max_prompt_len` gets vLLM's 400.
 """
 
 from __future__ import annotations
@@ -23,79 +19,15 @@ import urllib.request
 from typing import Any
 
 import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
 from rich.console import Console
 from rich.table import Table
 
 from pdcheck.proxy.heartbeat import Heartbeat, HeartbeatSender
-from pdcheck.proxy.server import AppThread, Proxy, ProxySettings
+from pdcheck.proxy.server import Proxy, ProxySettings
+from pdcheck.testing.fake_backend import FakeBackend
 
 MODEL = "fake-model"
 TARGET_ADDED_P50_MS = 2.0
-
-
-class FakeBackend:
-    def __init__(self, name: str, text: str = "a fixed completion from the fake backend",
-                 kv_transfer_params: dict[str, Any] | None = None, max_prompt_len: int = 10_000):
-        self.name, self.text, self.max_prompt_len = name, text, max_prompt_len
-        self.kv_transfer_params = kv_transfer_params
-        self.received: list[tuple[str, CIMultiDict[str], dict[str, Any]]] = []
-        app = web.Application()
-        app.router.add_post("/v1/completions", self.answer)
-        app.router.add_post("/v1/chat/completions", self.answer)
-        self.server = AppThread(app, name=f"pdcheck-fake-{name}", grace_s=0.1)
-
-    @property
-    def address(self) -> str:
-        return f"{self.server.host}:{self.server.port}"
-
-    def start(self) -> FakeBackend:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> FakeBackend:
-        return self.start()
-
-    def __exit__(self, *_exc) -> None:
-        self.stop()
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [body for _, _, body in self.received]
-
-    async def answer(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.received.append((request.path, CIMultiDict(request.headers), body))
-        if len(str(body.get("prompt", ""))) > self.max_prompt_len:
-            message = f"This model's maximum context length is {self.max_prompt_len} tokens."
-            error = {"message": message, "type": "BadRequestError", "param": None, "code": 400}
-            return web.json_response({"error": error}, status=400)
-        chat = request.path.endswith("/chat/completions")
-        request_id = request.headers.get("X-Request-Id", "none")
-        if body.get("stream"):
-            return await self.stream(request, chat, request_id)
-        choice = {"index": 0, "finish_reason": "length"}
-        choice |= {"message": {"role": "assistant", "content": self.text}} if chat else {"text": self.text}
-        return web.json_response({"id": f"cmpl-{request_id}", "model": body.get("model"), "choices": [choice],
-                                  "kv_transfer_params": self.kv_transfer_params})
-
-    def chunks(self, chat: bool, request_id: str) -> list[bytes]:
-        pieces = [w + " " for w in self.text.split(" ")]
-        pieces[-1] = pieces[-1][:-1]
-        choices = [{"index": 0, "delta": {"content": p}} if chat else {"index": 0, "text": p} for p in pieces]
-        events = [json.dumps({"id": f"cmpl-{request_id}", "choices": [c]}) for c in choices]
-        return [f"data: {e}\n\n".encode() for e in [*events, "[DONE]"]]
-
-    async def stream(self, request: web.Request, chat: bool, request_id: str) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for chunk in self.chunks(chat, request_id):
-            await response.write(chunk)
-        await response.write_eof()
-        return response
 
 
 def percentile(values: list[float], q: float) -> float:
