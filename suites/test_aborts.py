@@ -19,7 +19,7 @@ import pytest
 from pdcheck.cli import main
 from pdcheck.client.legs import ABANDONED
 from pdcheck.config import connector_spec
-from pdcheck.history import read_history
+from pdcheck.history import Fault, read_history
 from pdcheck.nemesis.schedule import plan
 from pdcheck.types import Planned
 
@@ -57,7 +57,7 @@ def test_reference_connector_frees_what_an_abandoned_request_held(mode, tmp_path
     assert config["requests"][1]["verdict"]["detail"] == ABANDONED
     assert config["leaks"] == []
     history = read_history(tmp_path / "runs" / "latest" / "history.jsonl")
-    aborts = [(h["phase"], h["batch"]) for h in history if h.get("fault") == "abort"]
+    aborts = [(op.phase, op.batch) for op in history if isinstance(op, Fault) and op.fault == "abort"]
     assert aborts == [("inject", 1), ("heal", 1)], aborts
 
 

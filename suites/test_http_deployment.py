@@ -99,7 +99,7 @@ def test_black_box_run_against_the_deployment_matches_and_records_a_pause_hook(s
     """`pdcheck run --target --oracle` on the running deployment: every phase and client fault
     matches, nothing leaks, and the hook that pauses decode (and its heal) are in the history."""
     from pdcheck.cli import main
-    from pdcheck.history import read_history
+    from pdcheck.history import Fault, read_history
 
     decode = served.decodes[0].process.pid
     argv = ["run", "--target", served.proxy.url, "--oracle", served.oracle.url, "--runs-dir", str(tmp_path),
@@ -109,9 +109,10 @@ def test_black_box_run_against_the_deployment_matches_and_records_a_pause_hook(s
             argv += ["--metrics", instance.url]
     assert main(argv) == 0
     history = read_history(tmp_path / "latest" / "history.jsonl")
-    hooks = [(h["fault"], h["before_request"], h["returncode"]) for h in history if h.get("fault") in ("hook", "heal")]
-    assert hooks == [("hook", 3, 0), ("heal", 3, 0)]
-    faults = {h["fault"] for h in history if h.get("fault")}
+    faults = [op for op in history if isinstance(op, Fault)]
+    hooks = [(f.phase, f.before_request, f.returncode) for f in faults if f.fault == "hook"]
+    assert hooks == [("inject", 3, 0), ("heal", 3, 0)]
+    faults = {f.fault for f in faults}
     assert {"abort-mid-stream", "disconnect"} <= faults
     results = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert results["verdict"] == "valid" and {c["config"] for c in results["configs"]} >= {

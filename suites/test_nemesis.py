@@ -16,7 +16,7 @@ import pytest
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import check, leaks
-from pdcheck.history import read_history
+from pdcheck.history import Fault, read_history
 from pdcheck.nemesis.schedule import PAUSES, Nemesis, plan
 from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_workload
@@ -49,8 +49,8 @@ def test_reference_connector_ends_every_faulted_request_cleanly(pd_run_dir, pd_h
     assert all(c.passed for c in checked), summary
     assert any(c.faulted and c.verdict.outcome is Outcome.ERROR for c in checked), summary  # a cut-off happened
     assert not leaked, leaked
-    notes = [h for h in read_history(pd_history.path) if h.get("fault") == "pause"]
-    assert sum(n["phase"] == "inject" for n in notes) == sum(n["phase"] == "heal" for n in notes) >= len(faults)
+    pauses = [op for op in read_history(pd_history.path) if isinstance(op, Fault) and op.fault == "pause"]
+    assert sum(p.phase == "inject" for p in pauses) == sum(p.phase == "heal" for p in pauses) >= len(faults)
 
 
 def test_skipping_missing_kv_under_the_same_faults_is_caught(pd_run_dir, pd_history):

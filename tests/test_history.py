@@ -94,3 +94,14 @@ def test_a_leak_in_the_old_form_is_a_note_not_a_second_completion(tmp_path):
     ops = read_history(history.path)
     assert [type(op) for op in ops] == [Invoke, Ok, Note]
     assert (ops[2].request_id, ops[2].detail) == ("r", "prefill0 still holds it after the drain")
+
+
+@pytest.mark.parametrize("status, seen, kind", [
+    ("caught", "press0 diverged", Ok), ("survived", "failure: escaped", Fail),
+    ("survived", "timed out after 600s", Info), ("GPU tier", "not run: no CUDA GPU", Info)])
+def test_a_mutant_run_completes_as_ok_fail_or_info(status, seen, kind):
+    """Caught is ok, survived is fail; cut off by the timeout, or not run, the outcome is unknown."""
+    from pdcheck.bench.mutants import Row, completion
+
+    op = completion(Row("FreeBeforeSend", "use after free", "", "CPU", status, "t.py::test_x", seen, 1.5, "r"))
+    assert (type(op), op.request_id, op.detail, op.seconds) == (kind, "FreeBeforeSend", f"{status}: {seen}", 1.5)

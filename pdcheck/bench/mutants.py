@@ -33,11 +33,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pdcheck.history import Completion, Fail, Info, Invoke, Ok
 from pdcheck.mutants.catalogue import Entry, Tier, by_name
 from pdcheck.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MEDIAN_S, TARGET_WORST_S = 30.0, 120.0
+MUTANTS = "mutants"  # the history's configuration for every entry's run
 
 
 class Row(msgspec.Struct):
@@ -104,6 +106,18 @@ def verdict(junit: Path, code: int | None, timeout_s: float) -> tuple[bool, str]
     return True, seen or "passed"
 
 
+def completion(row: Row) -> Completion:
+    """Caught: ok; survived: fail, or info where it timed out (cut off, outcome unknown); not
+    run (absent, GPU tier): info. `detail` says the status and what the test saw."""
+    if row.status == "caught":
+        kind = Ok
+    elif row.status == "survived" and not row.seen.startswith("timed out"):
+        kind = Fail
+    else:
+        kind = Info
+    return kind(config=MUTANTS, request_id=row.name, detail=f"{row.status}: {row.seen}", seconds=row.seconds)
+
+
 def run_entry(entry: Entry, folder: Path, has_gpu: bool, timeout_s: float) -> Row:
     row = Row(entry.name, entry.bug_class, entry.issues, entry.tier.value, "", entry.test, "", None, reproducer(entry))
     if not entry.is_present:
@@ -153,11 +167,9 @@ def bench_mutants(args, stack: ExitStack, console: Console) -> int:
     has_gpu = any(e.tier is Tier.GPU for e in entries) and cuda_present()
     rows = []
     for entry in entries:
-        store.history.record("invoke", mutant=entry.name, test=entry.test)
+        store.history.record(Invoke(config=MUTANTS, request_id=entry.name, detail=entry.test))
         row = run_entry(entry, store.folder, has_gpu, args.timeout_s)
-        outcome = "info" if row.seen.startswith("timed out") else "fail"  # info: cut off, outcome unknown
-        kind = {"caught": "ok", "survived": outcome}.get(row.status, "note")
-        store.history.record(kind, mutant=entry.name, status=row.status, seen=row.seen, seconds=row.seconds)
+        store.history.record(completion(row))
         rows.append(row)
         console.print(f"{entry.name}: {row.status} {'' if row.seconds is None else f'in {row.seconds:.1f}s'}",
                       markup=False, highlight=False)
