@@ -23,8 +23,8 @@ import msgspec
 from pdcheck.cluster import worker
 from pdcheck.cluster.messages import Drain, Failed, FromWorker, Generate, Ready, Results, Stop
 from pdcheck.cluster.placement import Placement
-from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput, InstanceFailed
+from pdcheck.specs import EngineSpec, Role
 from pdcheck.types import EngineState, GenRequest, GenResult
 
 READY_TIMEOUT_S = 180.0

@@ -18,8 +18,9 @@ import importlib.util
 import os
 from typing import Any
 
-from pdcheck.config import Role
 from pdcheck.errors import BadInput
+from pdcheck.profiles import REFERENCE_CLASS
+from pdcheck.specs import REFERENCE, Role
 
 MEMORY_BUDGET_PERCENT = 90  # of each GPU's memory, split among the instances that share it
 
@@ -98,9 +99,6 @@ def check_connector_fits(layout: Layout, connectors) -> None:
     """Refuse, before anything starts, a layout the connector cannot run in: the reference
     connector listens on one port per instance, which every rank of a tensor-parallel instance
     would try to bind."""
-    from pdcheck.config import REFERENCE
-    from pdcheck.profiles import REFERENCE_CLASS
-
     tp = max(layout.prefill_tp, layout.decode_tp)
     for connector in connectors:
         if tp > 1 and (connector.name == REFERENCE or REFERENCE_CLASS in connector.lineage):

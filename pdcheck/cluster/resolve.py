@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from pdcheck.cluster import worker
+from pdcheck.cluster.instance import engine_context, have_vllm
 from pdcheck.errors import BadInput
 
 TIMEOUT_S = 120.0
@@ -18,9 +20,6 @@ _known: dict[str, list[str]] = {}
 def lineage(connector) -> list[str]:
     """The MRO of `connector`'s class as qualified names (`module.Class`), nearest first; empty
     where vLLM is not installed. BadInput where the class cannot be loaded."""
-    from pdcheck.cluster import worker
-    from pdcheck.cluster.instance import engine_context, have_vllm
-
     if not have_vllm():
         return []
     if connector.name not in _known and "vllm" in sys.modules:

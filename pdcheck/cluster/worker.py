@@ -22,8 +22,8 @@ import msgspec
 
 from pdcheck.cluster.messages import Drain, Failed, Ready, Results, Stop, ToWorker
 from pdcheck.cluster.placement import Placement
-from pdcheck.config import EngineSpec, Role
 from pdcheck.errors import BadInput
+from pdcheck.specs import EngineSpec, Role
 from pdcheck.types import EngineState, GenRequest, GenResult
 
 PR_SET_PDEATHSIG = 1
