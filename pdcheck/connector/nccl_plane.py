@@ -44,11 +44,11 @@ import torch
 import zmq
 
 from pdcheck.connector import stream
-from pdcheck.connector.planes import PlaneBase
 from pdcheck.connector.config import P2PConfig
 from pdcheck.connector.nccl import LayerSpec, NcclPeer, block_checksums, recorded
 from pdcheck.connector.nccl_lib import NcclError, make_unique_id
 from pdcheck.connector.nccl_server import SHAKE_HANDS_AGAIN, NcclServer, Op
+from pdcheck.connector.plane_base import PlaneBase
 from pdcheck.connector.protocol import (
     Ack, Blocks, Hello, Message, ProtocolError, Pull, Push, Welcome,
 )

@@ -4,7 +4,8 @@ A Link owns the server's end of one client's NcclPeer and answers that client's 
 arrival order, posting each accepted transfer before it reads the next, so both ends post the
 same transfers in the same order (pdcheck.connector.nccl_plane says why that matters). What an
 announce means (what to send or receive) is the plane's: `plane.accept(message)` answers it and
-gives the Op to post.
+gives the Op to post. The server knows the plane only as a ServedPlane (what it reads of it), so
+this module does not import pdcheck.connector.nccl_plane, which builds on it.
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import zmq
 
+from pdcheck.connector.buffers import Inbox
+from pdcheck.connector.config import P2PConfig
 from pdcheck.connector.nccl import NcclPeer
 from pdcheck.connector.nccl_lib import NcclError
 from pdcheck.connector.protocol import (
     ErrorReply, Hello, Message, ProtocolError, Pull, Push, Welcome, decode, encode,
 )
-
-if TYPE_CHECKING:
-    from pdcheck.connector.nccl_plane import NcclPlane
 
 log = logging.getLogger("pdcheck.connector")
 POLL_S = 0.05
@@ -44,6 +44,19 @@ class Op:
     failed: Callable[[Exception], None]
 
 
+class ServedPlane(Protocol):
+    """What the server and its Links use of the plane they serve (NcclPlane is one)."""
+
+    config: P2PConfig
+    context: zmq.Context
+    inbox: Inbox
+    device: torch.device
+
+    def accept(self, message: Pull | Push) -> tuple[Message, Op]:
+        """The answer to an announce and the post that goes with it; raises to refuse it."""
+        ...
+
+
 def transfer_key(message: Message) -> str | None:
     return message.blocks.transfer_key if isinstance(message, Push) else getattr(message, "transfer_key", None)
 
@@ -54,7 +67,7 @@ class NcclServer:
     client's Link, whose answers come back over an inproc socket and go out from this thread.
     Stopping it stops and joins its Links."""
 
-    def __init__(self, plane: NcclPlane):
+    def __init__(self, plane: ServedPlane):
         self.plane = plane
         self.socket = plane.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -143,7 +156,7 @@ class Link:
     then, for each of the client's announces in arrival order, answers it and posts the accepted
     transfer, so that each answer follows the end of the transfer before it."""
 
-    def __init__(self, plane: NcclPlane, identity: bytes, hello: Hello, replies_address: str):
+    def __init__(self, plane: ServedPlane, identity: bytes, hello: Hello, replies_address: str):
         self.plane, self.identity, self.name = plane, identity, hello.peer
         self.messages: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self.run, args=(hello.nccl_id, replies_address),

@@ -14,6 +14,8 @@ push, pull and take raise TimeoutError (no answer by the deadline) or ProtocolEr
 damaged, or the peer failed). push and pull share one client, so they are called from one thread
 at a time: the saving thread (PUT), the send thread (PUT_ASYNC) or the loading thread (GET).
 `client_factory(context)` makes that client: the seam where wire faults enter.
+What both planes own besides their wire (settings, ZMQ context, Outbox, Inbox) is PlaneBase, in
+pdcheck.connector.plane_base.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-import zmq
 
-from pdcheck.connector.buffers import Inbox, Outbox
 from pdcheck.connector.config import P2PConfig, Plane
+from pdcheck.connector.plane_base import PlaneBase
 from pdcheck.connector.tcp import KVClient, KVServer, to_frame
 
 
@@ -50,31 +51,6 @@ def make_plane(config: P2PConfig, client_factory=None) -> DataPlane:
 
         return NcclPlane(config, client_factory)
     return TcpPlane(config, client_factory)
-
-
-class PlaneBase:
-    """What every plane owns besides its wire: its settings, a ZMQ context, the Outbox and the
-    Inbox, then (`attach`) its server and its client, all stopped by `close`."""
-
-    def __init__(self, config: P2PConfig):
-        self.config = config
-        self.context = zmq.Context()
-        self.outbox = Outbox(config.hold_s)
-        self.inbox = Inbox(config.buffer_bytes, config.spill_bytes, config.hold_s)
-
-    def attach(self, server, client) -> None:
-        """Start the server; name the client and bound what it receives by the buffer."""
-        self.server = server.start()
-        self.client = client
-        client.name, client.max_bytes = self.config.address, self.config.buffer_bytes + self.config.spill_bytes
-
-    def finished(self) -> set[str]:
-        return self.outbox.finished()
-
-    def close(self) -> None:
-        self.server.stop()
-        self.client.close()
-        self.context.term()
 
 
 class TcpPlane(PlaneBase):
