@@ -9,7 +9,6 @@ a request with no fault (or only a delay) always arrives.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
@@ -19,18 +18,13 @@ zmq = pytest.importorskip("zmq")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from pdcheck.cluster.instance import free_port  # noqa: E402
 from pdcheck.connector.config import P2PConfig  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
 from pdcheck.nemesis.transport import Fault, FaultyClient, UncheckedClient  # noqa: E402
 
 DEADLINE_S = 0.15
 BLOCKS_PER_REQUEST = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def half(mode: str, schedule: list[Fault], client=FaultyClient) -> WorkerHalf:

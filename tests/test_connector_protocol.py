@@ -17,17 +17,12 @@ import pytest
 torch = pytest.importorskip("torch")
 zmq = pytest.importorskip("zmq")
 
+from pdcheck.cluster.instance import free_port  # noqa: E402
 from pdcheck.connector import protocol, stream  # noqa: E402
 from pdcheck.connector.buffers import Inbox, Outbox  # noqa: E402
 from pdcheck.connector.protocol import ErrorReply, ProtocolError  # noqa: E402
 from pdcheck.connector.tcp import KVClient, KVServer, to_frame  # noqa: E402
 from pdcheck.nemesis.transport import Fault, FaultyClient  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pdcheck.cluster.instance import free_port
+
 SERVER_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
 WATCH = """\
 import os, sys
@@ -62,12 +64,6 @@ def serve(tmp_path: Path, args: list[str], refuse_import: str) -> tuple[subproce
     proc = subprocess.run([sys.executable, "-m", "pdcheck.cli", "serve", "--model", "tiny-llama", *args],
                           capture_output=True, text=True, timeout=180, env=env)
     return proc, tag
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
