@@ -9,16 +9,11 @@ config.json's `num_experts_per_tok` rewritten and, for `one-expert`, some weight
 - `top8`: top-k 8 = every expert (every token to all of them);
 - `one-expert`: top-k 1 and every token, in every layer, to expert ONE_EXPERT.
 
-How `one-expert` routes every token to one expert, provably. vLLM's CPU router
-(router/cpu_router.py `_softmax_topk`) takes torch.topk of the gate's logits, and the gate's
-input is the post-attention RMSNorm of the residual stream. Router and norm weights alone cannot
-do it: RMSNorm and a bias-free gate are odd in the residual (norm(-x) = -norm(x)), so any
-expert's lead for x is a deficit for -x, unless the logits tie. An all-zero router ties them
-all, and top-k 1 then takes whatever torch.topk's tie-breaking gives: expert 6 on this build
-(every row count from 1 to 256, float32 and bfloat16), but expert 5 once one logit is below the
-tied rest (seen with the gate row below alone, without the constant channel: tokens went to 7,
-5 and 6). An accident of the sort kernel, not a construction. Instead, hidden channel CHANNEL
-of the residual stream is made a constant:
+How `one-expert` routes every token to one expert, provably. vLLM's CPU router takes torch.topk
+of the gate's logits, and the gate's input is the post-attention RMSNorm of the residual stream.
+Router and norm weights alone cannot do it, and tied logits leave the pick to torch.topk's
+tie-breaking, an accident of the sort kernel (docs/moe.md says why). Instead, hidden channel
+CHANNEL of the residual stream is made a constant:
 
 - every token's embedding has CHANNEL_VALUE (> 0) in that channel;
 - no layer writes into it: row CHANNEL of every o_proj and of every expert's down_proj is zero,

@@ -36,7 +36,7 @@ def pad_intermediate(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor,
 
 class VllmCpuMoE:
     """Same call as pdcheck.moe.chunked.ChunkedMoE. `chunk_size` is accepted and unused: the op
-    takes every token at once (pdcheck/moe/__init__.py says how it splits the work)."""
+    takes every token at once (docs/moe.md says how it splits the work)."""
 
     def __init__(self, chunk_size: int = 0):
         self.chunk_size = chunk_size
