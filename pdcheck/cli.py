@@ -22,6 +22,7 @@ from pdcheck.config import DTYPES, EngineSpec, connector_spec, model_path
 from pdcheck.cluster.instance import stop_engine_server
 from pdcheck.errors import BadInput, InstanceFailed
 from pdcheck.proxy.policies import POLICIES
+from pdcheck.workload.phases import LOCAL, workload_names
 
 DEFAULT_MODELS = ["tiny-llama", "tiny-qwen3-moe"]
 DEFAULT_CONNECTOR = "ExampleConnector"
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-tokens", type=int, default=16)
     run.add_argument("--lengths", type=lengths_option, help="only prompts of these lengths, e.g. 64,65")
+    run.add_argument("--workload", type=workload_option, default=("boundary",),
+                     help=f"phases to send, one request after another, e.g. boundary,shared-prefix "
+                          f"(among {', '.join(LOCAL)}; default boundary)")
     run.add_argument("--topology", type=topology_option, default=(1, 1), help="xPyD, e.g. 2P2D (default 1P1D)")
     run.add_argument("--serve", action="store_true", help="`pdcheck serve` instances behind the proxy, over HTTP")
     run.add_argument("--drain-s", type=float, default=10.0,
@@ -151,6 +155,13 @@ def lengths_option(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def workload_option(text: str) -> tuple[str, ...]:
+    try:
+        return workload_names(text)
+    except BadInput as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def topology_option(text: str) -> tuple[int, int]:

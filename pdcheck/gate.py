@@ -20,7 +20,7 @@ from pdcheck.cluster.deployment import Deployment
 from pdcheck.errors import InstanceFailed
 from pdcheck.history import History
 from pdcheck.known_defects import known_defect
-from pdcheck.nemesis.schedule import Nemesis
+from pdcheck.faults.process import Nemesis
 from pdcheck.types import Calibration, Checked, GenRequest, GenResult, Outcome, Verdict
 
 DEADLINE_S = 60.0

@@ -23,16 +23,16 @@ from pdcheck.config import DecodePrompt, EngineSpec
 from pdcheck.errors import BadInput
 from pdcheck.gate import check, leaks
 from pdcheck.report.html import write_report
-from pdcheck.nemesis.schedule import Nemesis, plan
+from pdcheck.faults.process import Nemesis, plan
 from pdcheck.repro.command import replay_command
 from pdcheck.repro.case import make_repro
 from pdcheck.repro.case import write as write_repro
 from pdcheck.store import RunStore
-from pdcheck.workload.boundary import boundary_workload
+from pdcheck.workload.phases import local_workload
 
 
 def workload(args, spec: EngineSpec):
-    requests = boundary_workload(spec, args.seed, args.max_tokens)
+    requests = local_workload(spec, args.workload, args.seed, args.max_tokens)
     if args.lengths:
         requests = [r for r in requests if len(r.prompt) in args.lengths]
         if not requests:

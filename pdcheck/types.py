@@ -144,12 +144,23 @@ class Checked(msgspec.Struct):
         return self.verdict.outcome is Outcome.MATCH
 
 
+class FaultKind(enum.StrEnum):
+    """What a planned process fault does to its batch (pdcheck.faults.process). A str enum: a
+    plan written as strings ("prefill", "abort", ...) is the same plan."""
+
+    PAUSE_PREFILL = "prefill"  # prefill paused between the legs: decode's pull meets a silent peer
+    PAUSE_DECODE = "decode"  # decode paused as the batch starts
+    ABORT = "abort"  # the client abandons the batch between the legs
+    KILL = "kill"  # prefill killed between the legs; its deployment restarts it before its next batch
+    RESTART = "restart"  # prefill killed between the legs and started again before decode's leg
+
+
 class Planned(msgspec.Struct, frozen=True):
     """A fault planned for the `batch`-th batch of a configuration's requests."""
 
     batch: int
-    target: str  # "prefill" or "decode": which instance of the batch's pair is paused; or "abort", "kill", "restart"
-    seconds: float  # how long a pause lasts (an abort has no window: 0)
+    target: FaultKind
+    seconds: float  # how long a pause lasts (the other kinds have no window: 0)
 
 
 class ConfigResult(msgspec.Struct, frozen=True):

@@ -19,8 +19,8 @@ import pytest
 from pdcheck.cli import main
 from pdcheck.client.legs import ABANDONED
 from pdcheck.config import connector_spec
+from pdcheck.faults.process import plan
 from pdcheck.history import Fault, read_history
-from pdcheck.nemesis.schedule import plan
 from pdcheck.types import Planned
 
 pytestmark = pytest.mark.vllm

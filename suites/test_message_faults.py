@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 from pdcheck.cluster.instance import free_port  # noqa: E402
 from pdcheck.connector.config import P2PConfig  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
-from pdcheck.nemesis.transport import Fault, FaultyClient, UncheckedClient  # noqa: E402
+from pdcheck.faults.wire import FaultyClient, UncheckedClient, WireFault as Fault  # noqa: E402
 
 DEADLINE_S = 0.15
 BLOCKS_PER_REQUEST = 2

@@ -15,9 +15,9 @@ import pytest
 
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
+from pdcheck.faults.process import PAUSES, Nemesis, plan
 from pdcheck.gate import check, leaks
 from pdcheck.history import Fault, read_history
-from pdcheck.nemesis.schedule import PAUSES, Nemesis, plan
 from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_workload
 

@@ -22,7 +22,7 @@ from pdcheck.connector import protocol, stream  # noqa: E402
 from pdcheck.connector.buffers import Inbox, Outbox  # noqa: E402
 from pdcheck.connector.protocol import ErrorReply, ProtocolError  # noqa: E402
 from pdcheck.connector.tcp import KVClient, KVServer, to_frame  # noqa: E402
-from pdcheck.nemesis.transport import Fault, FaultyClient  # noqa: E402
+from pdcheck.faults.wire import FaultyClient, WireFault as Fault  # noqa: E402
 
 
 @pytest.fixture

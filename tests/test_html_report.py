@@ -19,11 +19,11 @@ import pytest
 from rich.console import Console
 
 from pdcheck.blackbox import runner as blackbox
-from pdcheck.blackbox.faults import Hook, Schedule
 from pdcheck.client.legs import PDResult
+from pdcheck.faults.hooks import Hook, Hooks
+from pdcheck.faults.process import Nemesis
 from pdcheck.gate import check, leaks
 from pdcheck.history import Completion, Fault, Invoke, read_history
-from pdcheck.nemesis.schedule import Nemesis
 from pdcheck.profiles import Profile
 from pdcheck.report.html import write_report
 from pdcheck.store import RunStore, read_results
@@ -229,7 +229,7 @@ def test_a_black_box_run_gets_a_lane_per_phase_and_its_hook_window(tmp_path):
     """Hook to heal is a window; client faults are points; two requests under one id are two bars."""
     store = RunStore(tmp_path / "runs")
     history = store.history
-    hooks = Schedule([Hook(1, "true", False), Hook(2, "true", True)])
+    hooks = Hooks([Hook(1, "true", False), Hook(2, "true", True)], history)
     configs = []
     for phase, ids, bad in (("boundary", ["r-len31", "r-len32", "r-len33"], None),
                             ("client-faults", ["duplicate-id", "duplicate-id"], 1)):
@@ -238,7 +238,7 @@ def test_a_black_box_run_gets_a_lane_per_phase_and_its_hook_window(tmp_path):
             history.record(Invoke(config=phase, request_id=r.request_id, prompt_len=len(r.prompt)))
         checked = []
         for i, r in enumerate(requests):
-            hooks.before([i] if phase == "boundary" else [], history)
+            hooks.before([i] if phase == "boundary" else [])
             got = result(r.request_id, [9] * 16 if i == bad else EXPECTED)
             checked.append(blackbox.verdict(phase, r, got, result(r.request_id, EXPECTED), STRICT, 32, history))
         if phase == "boundary":

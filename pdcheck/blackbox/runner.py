@@ -19,18 +19,19 @@ from contextlib import ExitStack
 from rich.console import Console
 
 from pdcheck.blackbox.endpoint import Budget, Endpoint, engine_states, local_token_pool
-from pdcheck.blackbox.faults import Hook, Schedule, abort_mid_stream, disconnect
-from pdcheck.blackbox.workload import Phase, phases
 from pdcheck.checker import api
 from pdcheck.checker.compare import judge
 from pdcheck.checker.oracle import Oracle
 from pdcheck.errors import BadInput
+from pdcheck.faults.client import faults_on
+from pdcheck.faults.hooks import Hook, Hooks
 from pdcheck.gate import completion_kind
 from pdcheck.report import terminal as report
 from pdcheck.report.html import write_report
 from pdcheck.store import RunStore
 from pdcheck.types import Calibration, Checked, GenRequest, GenResult, Outcome, Verdict
 from pdcheck.workload.api import api_cases, case_names, probe
+from pdcheck.workload.phases import Phase, phases
 
 DEADLINE_S = 120.0
 FAULT_REQUESTS = 5  # target: abort, disconnect, two with one id, the probe
@@ -39,7 +40,7 @@ FAULT_REQUESTS = 5  # target: abort, disconnect, two with one id, the probe
 def run_blackbox(args, stack: ExitStack, console: Console) -> int:
     if not (args.target and args.oracle):
         raise BadInput("black-box mode needs both --target and --oracle")
-    hooks = Schedule([Hook.parse(h, False) for h in args.hook or []] + [Hook.parse(h, True) for h in args.heal or []])
+    hooks = [Hook.parse(h, False) for h in args.hook or []] + [Hook.parse(h, True) for h in args.heal or []]
     budget = Budget(args.max_requests, args.rate)
     model = (args.model or [""])[0]
     target = Endpoint("target", args.target.rstrip("/"), budget, model)
@@ -49,16 +50,17 @@ def run_blackbox(args, stack: ExitStack, console: Console) -> int:
     max_model_len = min(n for n in (target.max_model_len, oracle.max_model_len, args.max_model_len) if n)
     plan = phases(pool, args.seed, args.block_size, max_model_len, args.max_tokens)
     cost = planned_cost(plan)
-    print_plan(console, target, oracle, plan, hooks.hooks, cost, args)
+    print_plan(console, target, oracle, plan, hooks, cost, args)
     if cost > args.max_requests:
         raise BadInput(f"the plan needs {cost} requests, over the budget of {args.max_requests} (--max-requests)")
     if args.dry_run:
         return 0
     store = RunStore(args.runs_dir)
     stack.callback(store.close)
-    stack.callback(hooks.heal_all, store.history)
+    schedule = Hooks(hooks, store.history)
+    stack.callback(schedule.heal_all)
     console.print(f"run folder: {store.folder}")
-    return judge_run(args, store, console, target, Oracle(oracle, DEADLINE_S), plan, hooks)
+    return judge_run(args, store, console, target, Oracle(oracle, DEADLINE_S), plan, schedule)
 
 
 def same_model(target: Endpoint, oracle: Endpoint) -> str:
@@ -117,7 +119,7 @@ def judge_run(args, store, console, target, oracle: Oracle, plan, hooks) -> int:
         checked = [verdict(phase.name, r, got, exp, calibration, args.block_size, history)
                    for r, got, exp in zip(phase.requests, results, expected)]
         configs.append({"config": phase.name, "calibration": calibration, "requests": checked, "leaks": []})
-    hooks.heal_all(history)
+    hooks.heal_all()
     configs.append(api_phase(target, oracle.instance, calibration, history))
     configs.append(client_faults(target, oracle, plan[0].requests, calibration, args.block_size, history))
     leaked, drained = drain_check(args.metrics or [], history)
@@ -125,15 +127,15 @@ def judge_run(args, store, console, target, oracle: Oracle, plan, hooks) -> int:
     return finish(store, console, configs, leaked)
 
 
-def send(target: Endpoint, phase: Phase, index: int, hooks: Schedule, history) -> list[GenResult]:
+def send(target: Endpoint, phase: Phase, index: int, hooks: Hooks, history) -> list[GenResult]:
     for r in phase.requests:
         history.record("invoke", config=phase.name, request_id=r.request_id, prompt_len=len(r.prompt))
     if phase.concurrent:
-        hooks.before(range(index, index + len(phase.requests)), history)
+        hooks.before(range(index, index + len(phase.requests)))
         return target.generate(phase.requests, DEADLINE_S, phase.stream)
     results = []
     for i, r in enumerate(phase.requests):
-        hooks.before([index + i], history)
+        hooks.before([index + i])
         results += target.generate([r], DEADLINE_S, phase.stream)
     return results
 
@@ -174,10 +176,9 @@ def client_faults(target: Endpoint, oracle: Oracle, probes: list[GenRequest], ca
     """Abort a stream, drop a connection, send two prompts under one id: then the target must
     still answer as the oracle does, and each of the two must get its own answer."""
     a, b = probes[len(probes) // 2], probes[-1]
-    for fault, act in (("abort-mid-stream", abort_mid_stream), ("disconnect", disconnect)):
+    for fault in faults_on(target.url, target.model, a, history, "client-faults"):
         target.budget.take()
-        request = GenRequest(f"{fault}-len{len(a.prompt)}", a.prompt, a.max_tokens)
-        history.record("note", fault=fault, request_id=request.request_id, detail=act(target.url, target.model, request))
+        fault.inject()
     twins = [GenRequest("duplicate-id", a.prompt, a.max_tokens), GenRequest("duplicate-id", b.prompt, b.max_tokens)]
     probe = GenRequest(f"probe-len{len(a.prompt)}", a.prompt, a.max_tokens)
     checked = []

@@ -10,8 +10,8 @@ import random
 import shlex
 
 from pdcheck.config import EngineSpec
+from pdcheck.faults.process import Nemesis
 from pdcheck.gate import check, leaks
-from pdcheck.nemesis.schedule import Nemesis
 from pdcheck.report.terminal import failure_line
 from pdcheck.repro.command import connector_options
 from pdcheck.types import Checked, GenRequest, Outcome, Planned

@@ -27,7 +27,7 @@ from pdcheck.connector.scheduler import SchedulerHalf
 from pdcheck.connector.stats import TransferRecord
 from pdcheck.connector.tcp import KVClient, to_frame
 from pdcheck.connector.worker import WorkerHalf, log
-from pdcheck.nemesis.transport import Fault, FaultyClient
+from pdcheck.faults.wire import FaultyClient, WireFault as Fault
 
 
 class EngineLocalKeyScheduler(SchedulerHalf):
@@ -280,7 +280,7 @@ class DropFirstPushWorker(WorkerHalf):
 
 class DropFirstPush(P2PConnector):
     """Not a mutant: the reference connector on a link that loses each instance's first transfer
-    (pdcheck.nemesis.transport's DROP), the fault NoReceiveDeadline is caught under. In put mode
+    (pdcheck.faults.wire's DROP), the fault NoReceiveDeadline is caught under. In put mode
     prefill's first push never arrives; decode's receive deadline passes and the load fails
     cleanly (the request ends as an error), and later requests are not affected."""
 

@@ -89,8 +89,8 @@ def replay(repro: Repro, run_dir: Path, name: str, history):
     """The failing request's verdict on a fresh deployment (the earlier requests sent first),
     after the drain (so a leak shows)."""
     from pdcheck.cluster.deployment import Deployment
+    from pdcheck.faults.process import Nemesis
     from pdcheck.gate import check, leaks
-    from pdcheck.nemesis.schedule import Nemesis
 
     nemesis = Nemesis(repro.faults, history) if repro.faults else None
     with Deployment(repro.spec, run_dir, name, None, *repro.topology) as deployment:

@@ -1,1 +1,0 @@
-"""Faults as inject/heal pairs, entering only at seams (transports, routing, processes)."""
