@@ -281,7 +281,7 @@ class KVClient:
             self.drop(address)
             return body(deadline_at)
 
-    # -- seams (pdcheck.faults.wire and pdcheck.mutants override these) -------------------------
+    # -- seams (pdcheck.faults.wire and pdcheck.mutants override these) --------------------
     def unpack(self, header: Blocks, data: torch.Tensor) -> torch.Tensor:
         """The pulled tensor, checked against its header (size and checksum)."""
         return from_frame(header, data)
