@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from pdcheck.faults.api import Fault
+from pdcheck.faults.api import Fault, FaultSchedule
 from pdcheck.faults.client import faults_on
 from pdcheck.faults.hooks import Hook, Hooks
 from pdcheck.faults.process import KINDS, PAUSES, Nemesis, plan
@@ -200,6 +200,7 @@ def test_every_fault_has_a_name_inject_and_heal(pair, tmp_path):
     hooks = Hooks([Hook(0, "true", False)], history)
     faults = [*nemesis.injected, *hooks.commands, *faults_on("http://127.0.0.1:9", "m", GenRequest("x", [1], 1), history)]
     assert all(isinstance(f, Fault) and f.name for f in faults), faults
+    assert isinstance(nemesis, FaultSchedule) and isinstance(hooks, FaultSchedule)
 
 
 def test_a_disconnect_refused_by_a_closed_port_is_an_error_not_a_hang():

@@ -20,6 +20,7 @@ class Fault(Protocol):
     def heal(self) -> None: ...
 
 
+@runtime_checkable
 class FaultSchedule(Protocol):
     def heal_all(self) -> None: ...
 
