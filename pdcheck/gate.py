@@ -1,72 +1,95 @@
-"""One configuration under the gate: oracle calibration, the PD path for each request, verdicts.
+"""One configuration under the gate: `run_config` is the one way to run it.
 
-`check` drives a started Deployment with a list of requests, writes every request and verdict
-to the history, and returns the verdicts in request order. With a Nemesis, each batch's planned
-fault is injected when due (and healed on its timer); a faulted request may end as a clean
-error or a recompute, never diverge or hang. Requests go through the PD path
-`concurrency` at a time (one batch per leg).
+`run_config(cluster, requests, history, ...)` calibrates the oracle, sends the requests through
+the cluster's client `concurrency` at a time (one batch per leg), judges each against the
+oracle, injects each batch's planned fault when due, and then, whatever happened, heals every
+fault, restarts what died and drains every instance. It returns an immutable ConfigResult: each
+request's verdict in the order sent, with a request an instance still holds after the drain
+classed a leak, and the instances that still hold anything. A faulted request may end as a clean
+error or a recompute, never diverge, hang or leak. Every request and verdict is written to the
+history as it happens (one completion line per request; the drain's findings as notes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import msgspec
 
 from pdcheck.checker.compare import judge
 from pdcheck.checker.oracle import Oracle
-from pdcheck.client.legs import PDResult
-from pdcheck.cluster.deployment import Deployment
-from pdcheck.errors import InstanceFailed
-from pdcheck.history import History
-from pdcheck.known_defects import known_defect
+from pdcheck.client import Client
+from pdcheck.cluster import Cluster
+from pdcheck.errors import BadInput, InstanceFailed
 from pdcheck.faults.process import Nemesis
-from pdcheck.types import Calibration, Checked, GenRequest, GenResult, Outcome, Verdict
+from pdcheck.history import Completion, Fail, History, Info, Invoke, Note, Ok
+from pdcheck.known_defects import KnownDefect, known_defect
+from pdcheck.profiles import Profile
+from pdcheck.types import Calibration, Checked, ConfigResult, GenRequest, GenResult, Outcome, PDResult, Planned, Verdict
 
 DEADLINE_S = 60.0
+DRAIN_S = 10.0
 
 
-def check(
-    deployment: Deployment,
-    requests: list[GenRequest],
-    history: History,
-    oracle: Oracle | None = None,
-    concurrency: int = 1,
-    on_result=None,
-    nemesis: Nemesis | None = None,
-    deadline_s: float = DEADLINE_S,
-) -> tuple[Calibration, list[Checked]]:
-    spec = deployment.spec
-    oracle = oracle or Oracle(deployment.oracle)
+def run_config(cluster: Cluster, requests: list[GenRequest], history: History, *, oracle: Oracle | None = None,
+               client: Client | None = None, concurrency: int = 1, faults: list[Planned] = (),
+               deadline_s: float = DEADLINE_S, drain_s: float = DRAIN_S, config: str | None = None,
+               expect: Expect | None = None, on_result=None) -> ConfigResult:
+    """`requests` through a started cluster (by its own client unless `client` is given), judged,
+    then healed, revived and drained (see the module docstring). `config` names the
+    configuration in the history and results (default: the spec's label); `expect` what a request
+    is held to beyond the oracle's tokens (default: the spec's connector profile)."""
+    config = config or cluster.spec.label
+    client = client or cluster.client()
+    if faults and client.pair(0) is None:
+        raise BadInput(f"{config}: faults are injected on the pair a batch goes to; this client does not pick it")
+    nemesis = Nemesis(list(faults), history) if faults else None
+    try:
+        calibration, checked = judged(cluster, client, requests, history, config,
+                                      oracle or Oracle(cluster.oracle), expect or Expect.of(cluster.spec), concurrency,
+                                      nemesis, deadline_s, on_result)
+    finally:
+        if nemesis:
+            nemesis.heal_all()
+    cluster.revive()  # an instance killed by a fault or for a hang: the drain asks a fresh one
+    leaked, held = drain(cluster, history, config, drain_s)
+    checked = [charged(c, held) for c in checked]
+    return ConfigResult(config, calibration, tuple(checked), tuple(leaked), tuple(faults))
+
+
+def judged(cluster: Cluster, client: Client, requests: list[GenRequest], history: History, config: str,
+           oracle: Oracle, expect: Expect, concurrency: int, nemesis: Nemesis | None, deadline_s: float,
+           on_result) -> tuple[Calibration, list[Checked]]:
     calibration = oracle.calibration or oracle.calibrate(requests)
-    history.record("note", config=spec.label, calibration=calibration)
+    history.record(Note(config=config, calibration=calibration))
     expected = {r.request_id: e for r, e in zip(requests, oracle.results(requests))}
     checked = []
     earlier: list[int] = []
     for start in range(0, len(requests), concurrency):
         batch = requests[start : start + concurrency]
         index = start // concurrency
-        # a served cluster's proxy picks each request's pair itself: there the history cannot name it
-        pair = deployment.pair(index) if hasattr(deployment, "pair") else None
+        pair = client.pair(index)  # None where a proxy picks each request's pair: the history cannot name it
         lane = {"prefill": pair[0].name, "decode": pair[1].name} if pair else {}
         for request in batch:
-            history.record("invoke", config=spec.label, request_id=request.request_id, prompt_len=len(request.prompt),
-                           topology=deployment.topology, **lane)
+            history.record(Invoke(config=config, request_id=request.request_id, prompt_len=len(request.prompt),
+                                  topology=cluster.topology, **lane))
         between = None
         if nemesis:
             nemesis.due(index, "start", *pair)
             between = functools.partial(nemesis.due, index, "between", *pair)
-        results = by_request(batch, deployment.run(batch, index, deadline_s, between))
-        transfers = deployment.transfers()
+        results = by_request(batch, client.send(batch, index, deadline_s, between))
+        transfers = cluster.transfers()
         for request, pd in results:
             before = earlier + [len(r.prompt) for r in batch if r.arrive_step < request.arrive_step]
-            item = judge_one(spec, request, pd, expected[request.request_id], calibration, before, oracle)
-            item.transfer = transfers.get((pd.prefill.kv_transfer_params or {}).get("transfer_key"))
-            item.faulted = bool(nemesis and nemesis.faulted(index))
-            history.record(completion_kind(item.verdict.outcome), config=spec.label, request_id=request.request_id,
-                           verdict=item.verdict, external_tokens=item.external_tokens, known_defect=item.known_defect,
-                           transfer=item.transfer, faulted=item.faulted, tokens=pd.result.token_ids,
-                           expected=expected[request.request_id].token_ids)
+            item = judge_one(expect, request, pd, expected[request.request_id], calibration, before, oracle, config)
+            item = msgspec.structs.replace(
+                item, transfer=transfers.get((pd.prefill.kv_transfer_params or {}).get("transfer_key")),
+                faulted=bool(nemesis and nemesis.faulted(index)))
+            history.record(completion(item.verdict.outcome)(
+                config=config, request_id=request.request_id, verdict=item.verdict,
+                external_tokens=item.external_tokens, known_defect=item.known_defect, transfer=item.transfer,
+                faulted=item.faulted, tokens=pd.result.token_ids, expected=expected[request.request_id].token_ids))
             checked.append(item)
             if on_result:
                 on_result(item)
@@ -83,51 +106,73 @@ def by_request(sent: list[GenRequest], results: list[PDResult]) -> list[tuple[Ge
     return [(request, found[request.request_id]) for request in sent]
 
 
-def leaks(deployment: Deployment, history: History, timeout_s: float = 10.0,
-          checked: list[Checked] = ()) -> list[str]:
-    """Instances that still hold KV blocks or requests after the workload, once drained. Each
-    of `checked` that an instance still holds is classed a leak (its `leak` says where), and
-    written to the history as such."""
-    found = []
-    for instance in deployment.instances:
+def drain(cluster: Cluster, history: History, config: str, timeout_s: float) -> tuple[list[str], dict[str, str]]:
+    """Each instance the cluster owns, drained: those still holding KV blocks or requests (a line
+    each), and each request still held with the instance holding it. Written as notes."""
+    leaked, held = [], {}
+    for instance in cluster.instances:
         state = instance.drain(timeout_s)
-        history.record("note", config=deployment.spec.label, instance=instance.name, drained=state)
+        history.record(Note(config=config, instance=instance.name, drained=state))
         if state is None or not state.idle:
-            found.append(f"{instance.name}: {state or 'not running'}")
-        for item in checked:
-            if state is not None and item.verdict.request_id in state.held:
-                item.leak = f"{instance.name} still holds it after the drain"
-                item.counted = "leak"
-                history.record("fail", config=item.config, request_id=item.verdict.request_id, leak=item.leak)
-    return found
+            leaked.append(f"{instance.name}: {state or 'not running'}")
+        for request_id in state.held if state is not None else ():
+            held.setdefault(request_id, instance.name)
+    return leaked, held
 
 
-def judge_one(spec, request: GenRequest, pd: PDResult, expected, calibration: Calibration, earlier,
-              oracle: Oracle | None = None) -> Checked:
-    """One request's verdict; with `oracle`, near-ties are judged past (see judge_after_ties)."""
+def charged(item: Checked, held: dict[str, str]) -> Checked:
+    """`item` classed a leak if an instance still held its request after the drain."""
+    where = held.get(item.verdict.request_id)
+    if where is None:
+        return item
+    return msgspec.structs.replace(item, leak=f"{where} still holds it after the drain", counted="leak")
+
+
+@dataclasses.dataclass(frozen=True)
+class Expect:
+    """What a request is held to beyond the oracle's tokens: the prompt tokens decode should load
+    through the connector, and the known defect its connector's lineage may show."""
+
+    block_size: int
+    profile: Profile | None = None  # None (a deployment from outside): any load at all
+    lineage: tuple[str, ...] = ()
+    loads: bool = True  # False: nothing is due (prompts a single instance has not seen before)
+    follow_ties: bool = True  # judge past a near-tie against the oracle's continuation (more oracle requests)
+
+    @classmethod
+    def of(cls, spec) -> Expect:
+        return cls(spec.block_size, spec.connector.profile, spec.connector.lineage)
+
+    def external(self, prompt_len: int) -> int:
+        """None for a prompt of one block or less; else the profile's count (1 without one)."""
+        if not self.loads or prompt_len <= self.block_size:
+            return 0
+        return 1 if self.profile is None else self.profile.expected_tokens(prompt_len, self.block_size)
+
+    def defect(self, prompt_len: int, earlier: list[int]) -> KnownDefect | None:
+        return known_defect(self.lineage, prompt_len, self.block_size, earlier)
+
+
+def judge_one(expect: Expect, request: GenRequest, pd: PDResult, expected, calibration: Calibration, earlier,
+              oracle: Oracle | None = None, config: str = "") -> Checked:
+    """One request's verdict; with `oracle`, near-ties are judged past (see judge_after_ties).
+    A load is claimed missing only where the answer reports its cached tokens."""
     prompt_len = len(request.prompt)
-    verdict = judge(expected, pd.result, calibration.rule, calibration.tolerance, pd.external_tokens,
-                    max(0, expected_external(spec, prompt_len) - pd.local_tokens))
-    if oracle is not None:
+    due = max(0, expect.external(prompt_len) - pd.local_tokens) if pd.result.cached_tokens_reported else 0
+    verdict = judge(expected, pd.result, calibration.rule, calibration.tolerance, pd.external_tokens, due)
+    if oracle is not None and expect.follow_ties:
         verdict = judge_after_ties(oracle, request, pd.result, verdict, calibration)
-    defect = known_defect(spec.connector.lineage, prompt_len, spec.block_size, earlier)
+    defect = expect.defect(prompt_len, earlier)
     counted = "known" if defect and defect.shows(verdict) else verdict.outcome.value
     return Checked(
-        config=spec.label, prompt_len=prompt_len, verdict=verdict, external_tokens=pd.external_tokens,
+        config=config, prompt_len=prompt_len, verdict=verdict, external_tokens=pd.external_tokens,
         local_tokens=pd.local_tokens, known_defect=defect.name if defect else None, counted=counted,
     )
 
 
-def completion_kind(outcome: Outcome) -> str:
-    return {Outcome.MATCH: "ok", Outcome.HANG: "info"}.get(outcome, "fail")
-
-
-def expected_external(spec, prompt_len: int) -> int:
-    """The prompt tokens decode should load through the connector: its profile's count for a
-    prompt longer than one block; none for a shorter one."""
-    if prompt_len <= spec.block_size:
-        return 0
-    return spec.connector.profile.expected_tokens(prompt_len, spec.block_size)
+def completion(outcome: Outcome) -> type[Completion]:
+    """A match is Ok; a hang Info (cut off: outcome unknown); anything else Fail."""
+    return {Outcome.MATCH: Ok, Outcome.HANG: Info}.get(outcome, Fail)
 
 
 def judge_after_ties(oracle: Oracle, request: GenRequest, pd_result: GenResult, verdict: Verdict,

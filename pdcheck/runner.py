@@ -16,18 +16,19 @@ from contextlib import ExitStack
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pdcheck.report import terminal as report
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.cluster.placement import Device, Layout, gpu_names
 from pdcheck.config import DecodePrompt, EngineSpec
 from pdcheck.errors import BadInput
-from pdcheck.gate import check, leaks
+from pdcheck.faults.process import plan
+from pdcheck.gate import run_config
+from pdcheck.report import terminal as report
 from pdcheck.report.html import write_report
-from pdcheck.faults.process import Nemesis, plan
-from pdcheck.repro.command import replay_command
 from pdcheck.repro.case import make_repro
 from pdcheck.repro.case import write as write_repro
+from pdcheck.repro.command import replay_command
 from pdcheck.store import RunStore
+from pdcheck.types import RunResults
 from pdcheck.workload.phases import local_workload
 
 
@@ -103,33 +104,25 @@ def run_gate(args, specs: list[EngineSpec], layout: Layout, stack: ExitStack, co
             if overlap and i + 1 < len(deployments):
                 deployments[i + 1].start()
             progress.update(task, description=f"checking {deployment.spec.label}")
-            nemesis, faults = None, []
-            if args.nemesis is not None:
-                faults = plan(args.nemesis, len(requests))
-                nemesis = Nemesis(faults, store.history)
-                stack.callback(nemesis.heal_all)
-            calibration, checked = check(deployment, requests, store.history, on_result=lambda _: progress.advance(task),
-                                         nemesis=nemesis)
-            leaked = leaks(deployment, store.history, timeout_s=args.drain_s, checked=checked)
+            faults = plan(args.nemesis, len(requests)) if args.nemesis is not None else []
+            configs.append(run_config(deployment, requests, store.history, faults=faults, drain_s=args.drain_s,
+                                      on_result=lambda _: progress.advance(task)))
             deployment.close()
             if not overlap and i + 1 < len(deployments):
                 deployments[i + 1].start()
-            configs.append({"config": deployment.spec.label, "calibration": calibration, "requests": checked,
-                            "leaks": leaked, "faults": faults})
-    failures = [(spec, sent, cfg, c) for spec, sent, cfg in zip(specs, workloads, configs)
-                for c in cfg["requests"] if not c.passed]
-    leaked = [f"{cfg['config']} {leak}" for cfg in configs for leak in cfg["leaks"]]
+    failures = [(spec, sent, cfg, c) for spec, sent, cfg in zip(specs, workloads, configs) for c in cfg.failures]
+    leaked = [f"{cfg.config} {leak}" for cfg in configs for leak in cfg.leaks]
     verdict = "valid" if not failures and not leaked else "invalid"
-    store.write_results({"verdict": verdict, "configs": configs})
+    store.write_results(RunResults(verdict, tuple(configs)))
     report.print_summary(console, configs)
     report.print_known_defects(console, configs)
     for spec, sent, cfg, c in failures:
         console.print(report.failure_line(c), markup=False, highlight=False)
-        index = cfg["requests"].index(c)
-        replay = replay_command(spec, args.seed, args.max_tokens, [r.prompt_len for r in cfg["requests"][: index + 1]],
+        index = cfg.requests.index(c)
+        replay = replay_command(spec, args.seed, args.max_tokens, [r.prompt_len for r in cfg.requests[: index + 1]],
                                 args.nemesis, args.drain_s, args.topology)
         repro = make_repro(spec, args.topology, args.seed, sent[: index + 1], c.outcome, c.leak or c.verdict.detail,
-                           cfg["faults"], args.drain_s)
+                           cfg.faults, args.drain_s)
         path = write_repro(repro, store.folder / f"repro-{len(sent[index].prompt)}-{spec.model.name}-{spec.dtype}.json")
         console.print(f"  replay: {replay}\n  reproduce: pdcheck repro {path}", markup=False, highlight=False)
     for leak in leaked:

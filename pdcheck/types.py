@@ -52,6 +52,22 @@ class GenResult(msgspec.Struct):
         return self.error is None and not self.hung
 
 
+class PDResult(msgspec.Struct):
+    """A request's joined output; `external_tokens` is what decode loaded through the connector,
+    `local_tokens` what it found in its own prefix cache."""
+
+    result: GenResult
+    external_tokens: int
+    prefill: GenResult
+    local_tokens: int = 0
+
+    @classmethod
+    def served(cls, result: GenResult) -> PDResult:
+        """An answer from a server that joined the legs itself (a proxy, a deployment from outside):
+        the prompt tokens it reports cached are taken as loaded."""
+        return cls(result=result, external_tokens=result.num_cached_tokens, prefill=GenResult(result.request_id))
+
+
 class Outcome(enum.Enum):
     MATCH = "match"
     DIVERGED = "diverged"
@@ -112,7 +128,7 @@ class EngineState(msgspec.Struct, frozen=True, tag=True):
                 and not self.connector)
 
 
-class Checked(msgspec.Struct):
+class Checked(msgspec.Struct, frozen=True):
     """A request's verdict with what it needs for reports and replay."""
 
     config: str

@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from pdcheck.config import EngineSpec, connector_spec, model_path
-from pdcheck.gate import check, leaks
+from pdcheck.gate import run_config
 from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_workload
 
@@ -37,9 +37,9 @@ def run_batches(pd_pool, pd_history, spec: EngineSpec):
     deployment, oracle = pd_pool.get(spec)
     requests = [r for r in boundary_workload(spec) if len(r.prompt) in (63, 65, 95, 97)] * 2
     requests = [msgspec.structs.replace(r, request_id=f"{r.request_id}-{i}") for i, r in enumerate(requests)]
-    _, checked = check(deployment, requests, pd_history, oracle, concurrency=4)
+    result = run_config(deployment, requests, pd_history, oracle=oracle, concurrency=4)
     refused = sum(len(t.errors) for t in deployment.transfers().values())
-    return checked, refused, leaks(deployment, pd_history)
+    return result.requests, refused, list(result.leaks)
 
 
 @pytest.mark.parametrize("policy, allowed", [

@@ -33,7 +33,7 @@ import dataclasses
 import pytest
 
 from pdcheck.config import DTYPES, REFERENCE, EngineSpec, connector_spec
-from pdcheck.gate import check
+from pdcheck.gate import run_config
 from pdcheck.moe.variants import ONE_EXPERT, VARIANTS, make_variant, routed_experts
 from pdcheck.repro.command import replay_command
 from pdcheck.types import Outcome
@@ -92,7 +92,7 @@ def test_one_expert_variant_routes_every_token_to_that_expert(variant_dir, pd_po
 def test_kv_corrupted_on_load_at_routing_edges_is_caught(variant_dir, pd_pool, pd_history):
     spec = variant_spec(variant_dir, "one-expert", CORRUPT)
     deployment, oracle = pd_pool.get(spec)
-    _, checked = check(deployment, requests_at(spec, EDGE_LENGTHS), pd_history, oracle)
+    checked = run_config(deployment, requests_at(spec, EDGE_LENGTHS), pd_history, oracle=oracle).requests
     seen = ", ".join(f"len {c.prompt_len} {c.verdict.outcome.value}" for c in checked)
     # every request loads KV, so every one gets a noise block
     assert all(c.verdict.outcome is Outcome.DIVERGED for c in checked), \

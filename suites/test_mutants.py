@@ -71,12 +71,10 @@ def seen(checked) -> str:
 
 @pytest.mark.vllm
 def test_engine_local_transfer_keys_are_caught_as_errors(pd_pool, pd_history, request):
-    from pdcheck.gate import check
-
     spec = mutant_spec("EngineLocalKeys", '{"deadline_s": 2}')
     deployment, oracle = pd_pool.get(spec)
     requests = [r for r in boundary_workload(spec) if len(r.prompt) in (33, 65)]
-    _, checked = check(deployment, requests, pd_history, oracle)
+    checked = check_requests(deployment, requests, pd_history, oracle).requests
     request.node.user_properties.append(("seen", seen(checked)))
     assert [c.verdict.outcome for c in checked] == [Outcome.ERROR, Outcome.ERROR], [c.verdict for c in checked]
 
@@ -109,16 +107,16 @@ def test_kv_damaged_on_its_way_into_decode_is_caught_as_divergence(variant, pd_p
     spec = mutant_spec(variant)
     deployment, oracle = pd_pool.get(spec)
     requests = [r for r in boundary_workload(spec) if len(r.prompt) in (65, 97)]
-    _, checked = check_requests(deployment, requests, pd_history, oracle)
+    checked = check_requests(deployment, requests, pd_history, oracle).requests
     request.node.user_properties.append(("seen", seen(checked)))
     expected = Outcome.MATCH if variant == "reference" else Outcome.DIVERGED
     assert [c.verdict.outcome for c in checked] == [expected] * len(requests), f"{seen(checked)}\n{replay(request)}"
 
 
-def check_requests(deployment, requests, history, oracle, concurrency: int = 1):
-    from pdcheck.gate import check
+def check_requests(deployment, requests, history, oracle, concurrency: int = 1, **options):
+    from pdcheck.gate import run_config
 
-    return check(deployment, requests, history, oracle, concurrency=concurrency)
+    return run_config(deployment, requests, history, oracle=oracle, concurrency=concurrency, **options)
 
 
 # A pool of 5 blocks (vLLM keeps one back) holds one 80-token prompt and a 128-token model
@@ -145,13 +143,12 @@ def test_send_reading_blocks_freed_before_it_is_caught_as_divergence(variant, pd
     whole prompt but its last token loaded, and free everything after. Each mutant must diverge
     at the first request (the next one reuses its blocks at once) and match at the last (nothing
     reuses its blocks), and never error or hang."""
-    from pdcheck.gate import leaks
-
     spec = dataclasses.replace(mutant_spec(variant, '{"mode": "put_async"}'), num_blocks=POOL_BLOCKS,
                                max_model_len=POOL_MODEL_LEN)
     deployment, oracle = pd_pool.get(spec)
     requests = pressure_requests()
-    _, checked = check_requests(deployment, requests, pd_history, oracle, concurrency=len(requests))
+    result = check_requests(deployment, requests, pd_history, oracle, concurrency=len(requests))
+    checked = result.requests
     request.node.user_properties.append(("seen", seen(checked)))
     outcomes = [c.verdict.outcome for c in checked]
     if variant in LATE_READ_MUTANTS:
@@ -161,7 +158,7 @@ def test_send_reading_blocks_freed_before_it_is_caught_as_divergence(variant, pd
         return
     assert outcomes == [Outcome.MATCH] * len(requests), f"{seen(checked)}\n{replay(request)}"
     assert [c.external_tokens for c in checked] == [PRESSURE_LEN - 1] * len(requests), replay(request)
-    assert leaks(deployment, pd_history) == [], replay(request)
+    assert result.leaks == (), replay(request)
 
 
 # The gate's deadline per leg and the instance's reply grace, lowered so that a hang is judged in
@@ -176,18 +173,17 @@ def test_receive_without_a_deadline_is_caught_as_a_hang(variant, pd_pool, pd_his
     """A lost push (prefill's first): the reference's receive deadline (1 s) fails the load, the
     request ends as an error and the next one matches. Without a deadline decode's engine step
     never returns: the gate must end the request as a hang within its own deadline."""
-    from pdcheck import gate
     from pdcheck.cluster import instance
 
-    monkeypatch.setattr(gate, "DEADLINE_S", GATE_DEADLINE_S)
     monkeypatch.setattr(instance, "REPLY_GRACE_S", REPLY_GRACE_S)
     spec = mutant_spec(variant, '{"mode": "put", "deadline_s": 1}')
     deployment, oracle = pd_pool.get(spec)
     requests = [r for r in boundary_workload(spec) if len(r.prompt) in (65, 97)]
     oracle.results(requests)  # before the clock starts
-    started = time.monotonic()
-    _, checked = check_requests(deployment, requests, pd_history, oracle)
-    elapsed = time.monotonic() - started
+    started, judged_at = time.monotonic(), []
+    checked = check_requests(deployment, requests, pd_history, oracle, deadline_s=GATE_DEADLINE_S,
+                             on_result=lambda _: judged_at.append(time.monotonic())).requests
+    elapsed = judged_at[-1] - started  # to the last verdict: the drain after it restarts what was stopped
     request.node.user_properties.append(("seen", f"{seen(checked)} in {elapsed:.1f}s"))
     outcomes = [c.verdict.outcome for c in checked]
     if variant == "NoReceiveDeadline":

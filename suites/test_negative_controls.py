@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 
 from pdcheck.config import ConnectorSpec, DecodePrompt, EngineSpec, connector_spec, model_path
-from pdcheck.gate import check
+from pdcheck.gate import run_config
 from pdcheck.known_defects import known_defect
 from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_workload
@@ -34,8 +34,7 @@ def control_spec(spec: EngineSpec, name: str, **extra) -> EngineSpec:
 
 def run_control(pd_pool, pd_history, decode_spec: EngineSpec, spec: EngineSpec):
     deployment, oracle = pd_pool.get(spec, decode_spec=decode_spec)
-    _, checked = check(deployment, boundary_workload(spec), pd_history, oracle)
-    return checked
+    return run_config(deployment, boundary_workload(spec), pd_history, oracle=oracle).requests
 
 
 def judged_apart_from_defects(checked, spec):

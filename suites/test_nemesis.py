@@ -15,8 +15,8 @@ import pytest
 
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
-from pdcheck.faults.process import PAUSES, Nemesis, plan
-from pdcheck.gate import check, leaks
+from pdcheck.faults.process import PAUSES, plan
+from pdcheck.gate import run_config
 from pdcheck.history import Fault, read_history
 from pdcheck.types import Outcome
 from pdcheck.workload.boundary import boundary_workload
@@ -31,14 +31,9 @@ def run_under_nemesis(pd_run_dir, pd_history, name: str, connector: str, num_req
     spec = dataclasses.replace(spec, connector=dataclasses.replace(spec.connector, name=connector))
     requests = [r for r in boundary_workload(spec) if len(r.prompt) > spec.block_size][:num_requests]
     faults = plan(SEED, len(requests), rate=0.5, kinds=PAUSES)
-    nemesis = Nemesis(faults, pd_history)
     with Deployment(spec, pd_run_dir, name) as deployment:
-        try:
-            _, checked = check(deployment, requests, pd_history, nemesis=nemesis)
-        finally:
-            nemesis.heal_all()
-        leaked = leaks(deployment, pd_history, timeout_s=10)
-    return faults, checked, leaked
+        result = run_config(deployment, requests, pd_history, faults=faults, drain_s=10)
+    return faults, result.requests, result.leaks
 
 
 def test_reference_connector_ends_every_faulted_request_cleanly(pd_run_dir, pd_history):

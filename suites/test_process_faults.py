@@ -24,7 +24,7 @@ from pdcheck.checker.compare import judge
 from pdcheck.client.legs import decode_request, prefill_request
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
-from pdcheck.gate import check, leaks
+from pdcheck.gate import DRAIN_S, drain, run_config
 from pdcheck.history import History
 from pdcheck.plugin import replay_line as replay
 from pdcheck.types import Outcome, Rule
@@ -78,9 +78,9 @@ def test_prefill_paused_during_the_pull_ends_in_time_and_leaves_nothing_held(pol
         verdict = judge(expected, decoded, Rule.STRICT, 0.0, decoded.num_cached_tokens, expected_external=0)
         want = Outcome.ERROR if policy == "fail" else Outcome.MATCH
         assert verdict.outcome is want and not decoded.hung, (verdict, decoded)
-        _, checked = check(deployment, requests[:9], pd_history)
-        assert all(c.verdict.outcome is Outcome.MATCH for c in checked), [c.verdict for c in checked]
-        assert leaks(deployment, pd_history, timeout_s=HOLD_S + 7) == []
+        result = run_config(deployment, requests[:9], pd_history, drain_s=HOLD_S + 7)
+        assert all(c.verdict.outcome is Outcome.MATCH for c in result.requests), [c.verdict for c in result.requests]
+        assert result.leaks == ()
 
 
 def test_a_pull_with_no_deadline_is_caught_hanging_on_the_paused_prefill(pd_run_dir, pd_history, request, monkeypatch):
@@ -109,4 +109,4 @@ def test_decode_paused_between_the_legs_only_delays_the_request(pd_run_dir, pd_h
             time.sleep(2)
         decoded = decode.generate([decode_request(request, prefilled, spec.connector)], 30)[0]
         assert decoded.ok and decoded.token_ids == expected.token_ids and decoded.num_cached_tokens == len(request.prompt) - 1
-        assert leaks(deployment, pd_history) == []
+        assert drain(deployment, pd_history, "pause-decode", DRAIN_S)[0] == []

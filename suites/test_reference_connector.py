@@ -20,7 +20,7 @@ import pytest
 from pdcheck.client.legs import decode_request, prefill_request
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
-from pdcheck.gate import check, leaks
+from pdcheck.gate import run_config
 from pdcheck.report.terminal import failure_line
 from pdcheck.types import GenRequest, Outcome
 from pdcheck.workload.boundary import boundary_workload
@@ -50,7 +50,8 @@ def test_reference_connector_matches_oracle_2p2d(mode, model, pd_pool, pd_histor
         pd_pool.prefetch(reference_spec(*following[nxt]), num_prefill=2, num_decode=2)
     # a 1-token prompt leaves decode nothing to load: prefill must not pin blocks for it
     requests = boundary_workload(spec) + [GenRequest("r-len1", [5], 16)]
-    _, checked = check(deployment, requests, pd_history, oracle)
+    result = run_config(deployment, requests, pd_history, oracle=oracle)
+    checked = result.requests
     failures = [failure_line(c) for c in checked if c.verdict.outcome is not Outcome.MATCH]
     assert not failures, "\n".join(failures)
     for c, r in zip(checked, requests):
@@ -60,8 +61,7 @@ def test_reference_connector_matches_oracle_2p2d(mode, model, pd_pool, pd_histor
             blocks = -(-(len(r.prompt) - 1) // spec.block_size)
             moved = c.transfer and (c.transfer.saved_blocks, c.transfer.loaded_blocks, c.transfer.errors)
             assert moved == (blocks, blocks, []), f"len {len(r.prompt)}: transfer log {c.transfer}, expected {blocks} blocks"
-    leaked = leaks(deployment, pd_history, checked=checked)
-    assert leaked == [] and not [c.leak for c in checked if c.leak], f"held after the drain: {leaked}"
+    assert result.leaks == () and not [c.leak for c in checked if c.leak], f"held after the drain: {result.leaks}"
 
 
 @pytest.mark.vllm
@@ -73,9 +73,9 @@ def test_blocks_never_released_are_reported_as_a_leak(pd_pool, pd_history):
     leaky = dataclasses.replace(spec, connector=mutant)
     deployment, oracle = pd_pool.get(leaky)
     requests = boundary_workload(spec)[:6]
-    _, checked = check(deployment, requests, pd_history, oracle)
+    result = run_config(deployment, requests, pd_history, oracle=oracle, drain_s=1.0)
+    checked, leaked = result.requests, result.leaks
     assert all(c.verdict.outcome is Outcome.MATCH for c in checked)
-    leaked = leaks(deployment, pd_history, timeout_s=1.0, checked=checked)
     assert [name.split(":")[0] for name in leaked] == ["prefill0"], leaked
     saved = [c.prompt_len for c in checked if c.transfer and c.transfer.saved_blocks]
     assert saved and [c.prompt_len for c in checked if c.outcome == "leak"] == saved, [c.leak for c in checked]

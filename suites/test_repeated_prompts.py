@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 
 from pdcheck.config import EngineSpec, connector_spec, model_path
-from pdcheck.gate import check, leaks
+from pdcheck.gate import run_config
 from pdcheck.report.terminal import failure_line
 from pdcheck.types import Outcome
 from pdcheck.workload.boundary import repeated_requests
@@ -31,9 +31,9 @@ def repeated_spec(spec: EngineSpec) -> EngineSpec:
 def run_repeated(pd_pool, pd_history, spec: EngineSpec, concurrency: int):
     deployment, oracle = pd_pool.get(spec)
     requests = repeated_requests(1, PROMPT_LEN, REPEATS, MAX_TOKENS, vocab_size=512)
-    _, checked = check(deployment, requests, pd_history, oracle, concurrency=concurrency)
-    failures = [failure_line(c) for c in checked if c.verdict.outcome is not Outcome.MATCH or c.external_tokens == 0]
-    return failures, leaks(deployment, pd_history)
+    result = run_config(deployment, requests, pd_history, oracle=oracle, concurrency=concurrency)
+    failures = [failure_line(c) for c in result.requests if c.verdict.outcome is not Outcome.MATCH or c.external_tokens == 0]
+    return failures, list(result.leaks)
 
 
 @pytest.mark.vllm

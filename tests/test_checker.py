@@ -14,7 +14,7 @@ from pdcheck.checker.compare import first_divergence, judge
 from pdcheck.checker.oracle import Oracle
 from pdcheck.client.legs import PDResult
 from pdcheck.config import ConnectorSpec, EngineSpec
-from pdcheck.gate import judge_one
+from pdcheck.gate import Expect, judge_one
 from pdcheck.known_defects import known_defect
 from pdcheck.profiles import BUILTIN, EXAMPLE_CLASS, Profile
 from pdcheck.report.terminal import print_summary
@@ -42,8 +42,8 @@ def engine(profile: Profile = Profile(), lineage: tuple[str, ...] = ()) -> Engin
 
 def judged(spec, prompt_len, pd: GenResult, external, expected=None, earlier=(), calibration=STRICT, oracle=None):
     request = GenRequest("r", list(range(prompt_len)), len(pd.token_ids) or 16)
-    return judge_one(spec, request, PDResult(pd, external, GenResult("r")), expected or result(pd.token_ids),
-                     calibration, list(earlier), oracle=oracle)
+    return judge_one(Expect.of(spec), request, PDResult(pd, external, GenResult("r")), expected or result(pd.token_ids),
+                     calibration, list(earlier), oracle=oracle, config=spec.label)
 
 
 def test_identical_output_with_transfer_is_a_match():

@@ -19,15 +19,13 @@ import pytest
 from rich.console import Console
 
 from pdcheck.blackbox import runner as blackbox
-from pdcheck.client.legs import PDResult
 from pdcheck.faults.hooks import Hook, Hooks
-from pdcheck.faults.process import Nemesis
-from pdcheck.gate import check, leaks
+from pdcheck.gate import Expect, run_config
 from pdcheck.history import Completion, Fault, Invoke, read_history
 from pdcheck.profiles import Profile
 from pdcheck.report.html import write_report
 from pdcheck.store import RunStore, read_results
-from pdcheck.types import Calibration, ConfigResult, EngineState, GenRequest, GenResult, Planned, Rule, RunResults
+from pdcheck.types import Calibration, ConfigResult, EngineState, GenRequest, GenResult, PDResult, Planned, Rule, RunResults
 
 CONFIG = "tiny-llama/bfloat16"
 PAIR = f"{CONFIG} · prefill0 → decode0"
@@ -69,7 +67,8 @@ def result(rid: str, tokens: list[int], error: str | None = None) -> GenResult:
 
 
 class FakeDeployment:
-    """1P1D as gate.check drives it; each request's PD output scripted, decode's process real."""
+    """1P1D as gate.run_config drives it, its own client; each request's PD output scripted, decode's
+    process real."""
 
     def __init__(self, outputs: dict[str, PDResult], process, held: tuple[str, ...] = ()):
         connector = SimpleNamespace(profile=Profile(), lineage=())
@@ -79,10 +78,16 @@ class FakeDeployment:
                                           drain=lambda _, usage=usage, held=held: EngineState(usage, 0, 0, held))
                           for name, usage, held in (("prefill0", 0.0, ()), ("decode0", 0.01, held))]
 
+    def client(self):
+        return self
+
+    def revive(self):
+        pass
+
     def pair(self, i):
         return tuple(self.instances)
 
-    def run(self, requests, batch, deadline_s, between=None):
+    def send(self, requests, batch, deadline_s, between=None):
         if between:
             between()
         time.sleep(0.25 if batch == 1 else 0.02)  # batch 1's decode pause heals mid-batch
@@ -107,14 +112,12 @@ def gate_run(tmp_path):
     process = subprocess.Popen(["sleep", "60"])
     try:
         deployment = FakeDeployment(outputs, process)
-        nemesis = Nemesis([Planned(batch=1, target="decode", seconds=0.1)], store.history)
-        calibration, checked = check(deployment, requests, store.history, oracle=oracle, nemesis=nemesis)
-        nemesis.heal_all()
-        leaked = leaks(deployment, store.history)
+        faults = [Planned(batch=1, target="decode", seconds=0.1)]
+        config = run_config(deployment, requests, store.history, oracle=oracle, faults=faults)
     finally:
         process.kill()
         process.wait()
-    store.write_results(RunResults("invalid", (ConfigResult(CONFIG, calibration, tuple(checked), tuple(leaked)),)))
+    store.write_results(RunResults("invalid", (config,)))
     (store.folder / "repro-65-tiny-llama-bfloat16.json").write_text("{}")  # as pdcheck run names it
     store.close()
     return store.folder
@@ -181,9 +184,7 @@ def test_a_request_held_after_the_drain_is_a_leak_from_results_json_with_one_com
     oracle = SimpleNamespace(calibration=STRICT, results=lambda rs: [result(r.request_id, EXPECTED) for r in rs])
     store = RunStore(tmp_path / "runs")
     deployment = FakeDeployment(outputs, None, held=("r-len33",))
-    calibration, checked = check(deployment, requests, store.history, oracle=oracle)
-    leaked = leaks(deployment, store.history, checked=checked)
-    store.write_results(RunResults("invalid", (ConfigResult(CONFIG, calibration, tuple(checked), tuple(leaked)),)))
+    store.write_results(RunResults("invalid", (run_config(deployment, requests, store.history, oracle=oracle),)))
     store.close()
     completed = [op.request_id for op in read_history(store.folder / "history.jsonl") if isinstance(op, Completion)]
     assert completed == ["r-len31", "r-len33"]
@@ -204,8 +205,8 @@ def test_a_partial_load_is_counted_colored_and_failed(tmp_path):
     outputs = {"r-len65": PDResult(result("r-len65", EXPECTED), 32, GenResult("r-len65"))}
     oracle = SimpleNamespace(calibration=STRICT, results=lambda rs: [result(r.request_id, EXPECTED) for r in rs])
     store = RunStore(tmp_path / "runs")
-    calibration, checked = check(FakeDeployment(outputs, None), requests, store.history, oracle=oracle)
-    store.write_results(RunResults("invalid", (ConfigResult(CONFIG, calibration, tuple(checked)),)))
+    store.write_results(RunResults("invalid", (run_config(FakeDeployment(outputs, None), requests, store.history,
+                                                          oracle=oracle),)))
     store.close()
     text = write_report(store.folder).read_text()
     page = Elements(text)
@@ -225,27 +226,33 @@ def test_the_page_fetches_nothing(gate_run):
     assert "url(" not in text and "@import" not in text
 
 
+class ScriptedEndpoint:
+    """The target as black-box mode sends to it: the scripted answers, in the order asked."""
+
+    def __init__(self, answers: list[GenResult]):
+        self.answers = answers
+
+    def generate(self, requests, deadline_s, stream=False):
+        return [self.answers.pop(0) for _ in requests]
+
+
 def test_a_black_box_run_gets_a_lane_per_phase_and_its_hook_window(tmp_path):
     """Hook to heal is a window; client faults are points; two requests under one id are two bars."""
     store = RunStore(tmp_path / "runs")
     history = store.history
     hooks = Hooks([Hook(1, "true", False), Hook(2, "true", True)], history)
-    configs = []
-    for phase, ids, bad in (("boundary", ["r-len31", "r-len32", "r-len33"], None),
-                            ("client-faults", ["duplicate-id", "duplicate-id"], 1)):
-        requests = [GenRequest(rid, [1] * 31, 16) for rid in ids]
-        for r in requests:
-            history.record(Invoke(config=phase, request_id=r.request_id, prompt_len=len(r.prompt)))
-        checked = []
-        for i, r in enumerate(requests):
-            hooks.before([i] if phase == "boundary" else [])
-            got = result(r.request_id, [9] * 16 if i == bad else EXPECTED)
-            checked.append(blackbox.verdict(phase, r, got, result(r.request_id, EXPECTED), STRICT, 32, history))
-        if phase == "boundary":
-            history.record(Fault(config=phase, fault="abort-mid-stream", request_id="abort-mid-stream-len31",
-                                 detail="closed the stream after 2 chunks"))
-        configs.append({"config": phase, "calibration": STRICT, "requests": checked, "leaks": []})
-    configs[-1].update(drained="unknown")
+    oracle = SimpleNamespace(calibration=STRICT, results=lambda rs: [result(r.request_id, EXPECTED) for r in rs])
+    expect = Expect(32, follow_ties=False)
+    boundary = [GenRequest(rid, [1] * 31, 16) for rid in ("r-len31", "r-len32", "r-len33")]
+    remote = blackbox.RemoteTarget(ScriptedEndpoint([result(r.request_id, EXPECTED) for r in boundary]), None, hooks)
+    configs = [run_config(remote, boundary, history, oracle=oracle, client=remote.client(), config="boundary",
+                          expect=expect)]
+    history.record(Fault(config="boundary", fault="abort-mid-stream", request_id="abort-mid-stream-len31",
+                         detail="closed the stream after 2 chunks"))
+    twins = [GenRequest("duplicate-id", [1] * 31, 16)] * 2
+    target = ScriptedEndpoint([result("duplicate-id", EXPECTED), result("duplicate-id", [9] * 16)])
+    checked = blackbox.sent_at_once(target, oracle, twins, history, expect)
+    configs.append(ConfigResult("client-faults", STRICT, tuple(checked), drained="unknown"))
     out = io.StringIO()
     assert blackbox.finish(store, Console(file=out, width=200), configs, []) == 1
     store.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pdcheck.client.http import complete_all, engine_state
 from pdcheck.errors import BadInput
-from pdcheck.types import EngineState, GenRequest, GenResult
+from pdcheck.types import EngineState, GenRequest, GenResult, PDResult
 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Prefill computes the prompt's cache; decode "
@@ -107,3 +107,44 @@ def local_token_pool(tokenizer: str) -> list[int]:
 
 def engine_states(urls: list[str]) -> dict[str, EngineState | None]:
     return {url: engine_state(url) for url in urls}
+
+
+class RemoteTarget:
+    """The deployment under test as a cluster (pdcheck.cluster.Cluster) that pdcheck did not
+    start: it owns no process, so there is nothing to revive, and nothing for a configuration's
+    drain to ask (the servers' metrics are asked once, after the whole run). Requests go to its
+    endpoint; each hook runs before the request it names, counted across the run."""
+
+    topology = "remote"
+    spec = None
+    instances: list = []
+
+    def __init__(self, endpoint: Endpoint, oracle: Endpoint, hooks):
+        self.endpoint, self.oracle, self.hooks = endpoint, oracle, hooks
+        self.sent = 0
+
+    def client(self, stream: bool = False) -> EndpointClient:
+        return EndpointClient(self, stream)
+
+    def transfers(self) -> dict:
+        return {}
+
+    def revive(self) -> None:
+        pass
+
+
+class EndpointClient:
+    """Requests to the target's endpoint as its clients send them, whole or streamed; what it
+    reports as cached is what decode loaded, where it reports it."""
+
+    def __init__(self, target: RemoteTarget, stream: bool):
+        self.target, self.stream = target, stream
+
+    def pair(self, batch: int) -> None:
+        return None
+
+    def send(self, requests: list[GenRequest], batch: int, deadline_s: float, between=None) -> list[PDResult]:
+        start, self.target.sent = self.target.sent, self.target.sent + len(requests)
+        self.target.hooks.before(range(start, start + len(requests)))
+        results = self.target.endpoint.generate(requests, deadline_s, self.stream)
+        return [PDResult.served(r) for r in results]

@@ -16,20 +16,21 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
+import msgspec
 from rich.console import Console
 
-from pdcheck.blackbox.endpoint import Budget, Endpoint, engine_states, local_token_pool
+from pdcheck.blackbox.endpoint import Budget, Endpoint, RemoteTarget, engine_states, local_token_pool
 from pdcheck.checker import api
-from pdcheck.checker.compare import judge
 from pdcheck.checker.oracle import Oracle
 from pdcheck.errors import BadInput
 from pdcheck.faults.client import faults_on
 from pdcheck.faults.hooks import Hook, Hooks
-from pdcheck.gate import completion_kind
+from pdcheck.gate import Expect, completion, judge_one, run_config
+from pdcheck.history import Invoke, Note
 from pdcheck.report import terminal as report
 from pdcheck.report.html import write_report
 from pdcheck.store import RunStore
-from pdcheck.types import Calibration, Checked, GenRequest, GenResult, Outcome, Verdict
+from pdcheck.types import Calibration, Checked, ConfigResult, GenRequest, PDResult, RunResults, Verdict
 from pdcheck.workload.api import api_cases, case_names, probe
 from pdcheck.workload.phases import Phase, phases
 
@@ -107,53 +108,27 @@ def print_plan(console, target, oracle, plan, hooks, cost, args) -> None:
 
 
 def judge_run(args, store, console, target, oracle: Oracle, plan, hooks) -> int:
+    """Each phase through `run_config` (hooks at their requests; a fallback claimed only where the
+    target reports cached tokens; no near-tie continuations, which the budget does not count),
+    then the API cases and the client faults, then the servers' metrics."""
     history = store.history
     before = engine_states(args.metrics or [])
     calibration = oracle.calibrate(plan[0].requests)
-    history.record("note", calibration=calibration, metrics_before=before)
-    configs, index = [], 0
-    for phase in plan:
-        expected = oracle.results(phase.requests)
-        results = send(target, phase, index, hooks, history)
-        index += len(phase.requests)
-        checked = [verdict(phase.name, r, got, exp, calibration, args.block_size, history)
-                   for r, got, exp in zip(phase.requests, results, expected)]
-        configs.append({"config": phase.name, "calibration": calibration, "requests": checked, "leaks": []})
+    history.record(Note(calibration=calibration, metrics_before=before))
+    remote = RemoteTarget(target, oracle.instance, hooks)
+    expect = Expect(args.block_size, follow_ties=False)
+    configs = [run_config(remote, phase.requests, history, oracle=oracle, client=remote.client(phase.stream),
+                          concurrency=len(phase.requests) if phase.concurrent else 1, deadline_s=DEADLINE_S,
+                          config=phase.name, expect=expect) for phase in plan]
     hooks.heal_all()
     configs.append(api_phase(target, oracle.instance, calibration, history))
-    configs.append(client_faults(target, oracle, plan[0].requests, calibration, args.block_size, history))
+    configs.append(client_faults(remote, oracle, plan[0].requests, history, expect))
     leaked, drained = drain_check(args.metrics or [], history)
-    configs[-1].update(leaks=leaked, drained=drained)
+    configs[-1] = msgspec.structs.replace(configs[-1], leaks=tuple(leaked), drained=drained)
     return finish(store, console, configs, leaked)
 
 
-def send(target: Endpoint, phase: Phase, index: int, hooks: Hooks, history) -> list[GenResult]:
-    for r in phase.requests:
-        history.record("invoke", config=phase.name, request_id=r.request_id, prompt_len=len(r.prompt))
-    if phase.concurrent:
-        hooks.before(range(index, index + len(phase.requests)))
-        return target.generate(phase.requests, DEADLINE_S, phase.stream)
-    results = []
-    for i, r in enumerate(phase.requests):
-        hooks.before([index + i])
-        results += target.generate([r], DEADLINE_S, phase.stream)
-    return results
-
-
-def verdict(config: str, request: GenRequest, got: GenResult, expected: GenResult, calibration: Calibration,
-            block_size: int, history) -> Checked:
-    """Judged as locally, except that a fallback is claimed only where the target reports its
-    cached tokens (else the transfer is unknown, not failed)."""
-    observable = got.cached_tokens_reported
-    v = judge(expected, got, calibration.rule, calibration.tolerance, got.num_cached_tokens,
-              expected_external=1 if observable and len(request.prompt) > block_size else 0)
-    history.record(completion_kind(v.outcome), config=config, request_id=request.request_id, verdict=v,
-                   external_tokens=got.num_cached_tokens if observable else None, tokens=got.token_ids)
-    return Checked(config=config, prompt_len=len(request.prompt), verdict=v, external_tokens=got.num_cached_tokens,
-                   counted=v.outcome.value)
-
-
-def api_phase(target: Endpoint, oracle: Endpoint, calibration: Calibration, history) -> dict:
+def api_phase(target: Endpoint, oracle: Endpoint, calibration: Calibration, history) -> ConfigResult:
     """Each API case to the oracle and the target, the answers compared field by field (logprobs
     within the calibrated tolerance, at least api.FLOOR)."""
     oracle.budget.take()
@@ -162,32 +137,44 @@ def api_phase(target: Endpoint, oracle: Endpoint, calibration: Calibration, hist
         raise BadInput(f"oracle {oracle.url} refused a plain completion: {greedy['error']}")
     checked = []
     for case in api_cases(oracle.model, greedy):
-        history.record("invoke", config="api", request_id=f"api-{case.name}", body=case.body)
+        history.record(Invoke(config="api", request_id=f"api-{case.name}", body=case.body))
         target.budget.take(2)
         outcome, detail = api.compare(case, api.send(oracle.url, case, DEADLINE_S),
                                       api.send(target.url, case, DEADLINE_S), max(calibration.tolerance, api.FLOOR))
         v = Verdict(f"api-{case.name}", outcome, calibration.rule, detail=detail)
-        history.record(completion_kind(outcome), config="api", request_id=v.request_id, verdict=v)
+        history.record(completion(outcome)(config="api", request_id=v.request_id, verdict=v))
         checked.append(Checked(config="api", prompt_len=0, verdict=v, external_tokens=0, counted=outcome.value))
-    return {"config": "api", "calibration": calibration, "requests": checked, "leaks": []}
+    return ConfigResult("api", calibration, tuple(checked))
 
 
-def client_faults(target: Endpoint, oracle: Oracle, probes: list[GenRequest], calibration, block_size, history) -> dict:
+def client_faults(remote: RemoteTarget, oracle: Oracle, probes: list[GenRequest], history,
+                  expect: Expect) -> ConfigResult:
     """Abort a stream, drop a connection, send two prompts under one id: then the target must
     still answer as the oracle does, and each of the two must get its own answer."""
+    target = remote.endpoint
     a, b = probes[len(probes) // 2], probes[-1]
     for fault in faults_on(target.url, target.model, a, history, "client-faults"):
         target.budget.take()
         fault.inject()
     twins = [GenRequest("duplicate-id", a.prompt, a.max_tokens), GenRequest("duplicate-id", b.prompt, b.max_tokens)]
     probe = GenRequest(f"probe-len{len(a.prompt)}", a.prompt, a.max_tokens)
+    checked = [*sent_at_once(target, oracle, twins, history, expect),
+               *sent_at_once(target, oracle, [probe], history, expect)]
+    return ConfigResult("client-faults", oracle.calibration, tuple(checked))
+
+
+def sent_at_once(target, oracle: Oracle, batch: list[GenRequest], history, expect: Expect,
+                 config: str = "client-faults") -> list[Checked]:
+    """`batch` to the target at once, each answer judged against the oracle's for its own prompt:
+    by position, since two requests may share an id here (which `run_config` refuses)."""
+    for r in batch:
+        history.record(Invoke(config=config, request_id=r.request_id, prompt_len=len(r.prompt)))
     checked = []
-    for batch in (twins, [probe]):
-        for r in batch:
-            history.record("invoke", config="client-faults", request_id=r.request_id, prompt_len=len(r.prompt))
-        for r, got, exp in zip(batch, target.generate(batch, DEADLINE_S), oracle.results(batch)):
-            checked.append(verdict("client-faults", r, got, exp, calibration, block_size, history))
-    return {"config": "client-faults", "calibration": calibration, "requests": checked, "leaks": []}
+    for r, got, exp in zip(batch, target.generate(batch, DEADLINE_S), oracle.results(batch)):
+        checked.append(judge_one(expect, r, PDResult.served(got), exp, oracle.calibration, [], config=config))
+        history.record(completion(checked[-1].verdict.outcome)(config=config, request_id=r.request_id,
+                                                               verdict=checked[-1].verdict, tokens=got.token_ids))
+    return checked
 
 
 def drain_check(urls: list[str], history, timeout_s: float = 10.0) -> tuple[list[str], str]:
@@ -199,16 +186,16 @@ def drain_check(urls: list[str], history, timeout_s: float = 10.0) -> tuple[list
     while any(s is not None and not s.idle for s in states.values()) and time.monotonic() < end:
         time.sleep(0.5)
         states = engine_states(urls)
-    history.record("note", metrics_after=states)
+    history.record(Note(metrics_after=states))
     leaked = [f"{url}: {state}" for url, state in states.items() if state is not None and not state.idle]
     unknown = [url for url, state in states.items() if state is None]
     return leaked, "leak" if leaked else "unknown" if unknown else "clean"
 
 
-def finish(store, console, configs: list[dict], leaked: list[str]) -> int:
-    failures = [c for cfg in configs for c in cfg["requests"] if c.verdict.outcome is not Outcome.MATCH]
+def finish(store, console, configs: list[ConfigResult], leaked: list[str]) -> int:
+    failures = [c for cfg in configs for c in cfg.failures]
     verdict_ = "valid" if not failures and not leaked else "invalid"
-    store.write_results({"verdict": verdict_, "configs": configs})
+    store.write_results(RunResults(verdict_, tuple(configs)))
     report.print_summary(console, configs)
     for c in failures:
         console.print(report.failure_line(c), markup=False, highlight=False)

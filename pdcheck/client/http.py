@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from pdcheck.types import EngineState, GenRequest, GenResult
+from pdcheck.types import EngineState, GenRequest, GenResult, PDResult
 
 
 def body(request: GenRequest, model: str, stream: bool) -> dict:
@@ -108,3 +108,20 @@ def engine_state(url: str) -> EngineState | None:
     return EngineState(kv_cache_usage=values.get("vllm:kv_cache_usage_perc", 0.0),
                        running=int(values.get("vllm:num_requests_running", 0)),
                        waiting=int(values.get("vllm:num_requests_waiting", 0)))
+
+
+class ProxyClient:
+    """Requests through a PD proxy at `url`, whole or streamed: the proxy picks each pair and
+    joins the legs, so decode's cached-token count is what was loaded."""
+
+    def __init__(self, url: str, model: str, stream: bool = False):
+        self.url, self.model, self.stream = url, model, stream
+
+    def pair(self, batch: int) -> None:
+        return None
+
+    def send(self, requests: list[GenRequest], batch: int, deadline_s: float, between=None) -> list[PDResult]:
+        if between is not None:
+            raise ValueError("the proxy sends both legs: nothing can run between them from here")
+        results = complete_all(self.url, self.model, requests, self.stream, timeout_s=deadline_s)
+        return [PDResult.served(r) for r in results]

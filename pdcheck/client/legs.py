@@ -14,17 +14,7 @@ import msgspec
 
 from pdcheck.cluster.instance import Instance
 from pdcheck.config import ConnectorSpec, DecodePrompt
-from pdcheck.types import GenRequest, GenResult
-
-
-class PDResult(msgspec.Struct):
-    """A request's joined output; `external_tokens` is what decode loaded through the connector,
-    `local_tokens` what it found in its own prefix cache."""
-
-    result: GenResult
-    external_tokens: int
-    prefill: GenResult
-    local_tokens: int = 0
+from pdcheck.types import GenRequest, GenResult, PDResult
 
 
 def prefill_request(request: GenRequest, connector: ConnectorSpec, decode: Instance) -> GenRequest:
@@ -89,3 +79,19 @@ def run_pd(
         results.append(PDResult(result=joined, external_tokens=d.external_tokens if d else 0, prefill=p,
                                 local_tokens=d.local_cached_tokens if d else 0))
     return results
+
+
+class LegsClient:
+    """The two legs in process, to the pair the deployment plans for each batch (its `pair(i)`);
+    an instance of that pair that died since it started is restarted first."""
+
+    def __init__(self, deployment):
+        self.deployment = deployment
+
+    def pair(self, batch: int) -> tuple[Instance, Instance]:
+        return self.deployment.pair(batch)
+
+    def send(self, requests: list[GenRequest], batch: int, deadline_s: float, between=None) -> list[PDResult]:
+        pair = self.pair(batch)
+        self.deployment.revive(pair)
+        return run_pd(*pair, self.deployment.spec.connector, requests, deadline_s, between)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pdcheck.client.legs import PDResult, run_pd
+from pdcheck.client.legs import LegsClient
 from pdcheck.cluster.instance import Instance
 from pdcheck.cluster.placement import Layout
 from pdcheck.config import EngineSpec, Role
 from pdcheck.connector.stats import TransferLogs
-from pdcheck.types import GenRequest, Transfer
+from pdcheck.types import Transfer
 
 
 class Deployment:
@@ -47,13 +47,9 @@ class Deployment:
         """What connectors that keep a transfer log (`transfers-*.jsonl` in `{run_dir}`) recorded."""
         return self.logs.update()
 
-    def run(self, requests: list[GenRequest], batch: int, deadline_s: float, between=None) -> list[PDResult]:
-        """The `batch`-th batch of requests through its pair's two legs (`between()` runs
-        between them: where a nemesis pauses prefill). An instance of the pair that died since
-        it started (killed when it stopped answering) is restarted first."""
-        pair = self.pair(batch)
-        self.revive(pair)
-        return run_pd(*pair, self.spec.connector, requests, deadline_s, between)
+    def client(self) -> LegsClient:
+        """The two legs in process, each batch to its pair (`pair(i)`)."""
+        return LegsClient(self)
 
     def revive(self, instances: list[Instance] | tuple[Instance, ...] | None = None) -> None:
         """Restart each of `instances` (default: all) that died since it started: killed when it

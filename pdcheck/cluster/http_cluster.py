@@ -15,7 +15,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -25,10 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pdcheck.client.http import complete_all, engine_state
-from pdcheck.client.legs import PDResult
+from pdcheck.client.http import ProxyClient, complete_all, engine_state
 from pdcheck.cluster.http_server import wait_healthy
-from pdcheck.cluster.instance import cache_dir, free_port, instance_env
+from pdcheck.cluster.instance import cache_dir, free_port, instance_env, log_tail
 from pdcheck.cluster.placement import Layout, Placement
 from pdcheck.config import EngineSpec, Role
 from pdcheck.connector.stats import TransferLogs
@@ -40,7 +38,6 @@ log = logging.getLogger("pdcheck.served")
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 10.0
 PR_SET_PDEATHSIG = 1
-ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b:|Killed|out of memory")
 
 
 def die_with_parent() -> None:
@@ -106,7 +103,8 @@ class ServedInstance:
             if wait_healthy(f"{self.url}/health", min(end, time.monotonic() + 1.0)):
                 return
         self.close()
-        raise InstanceFailed(f"instance {self.name} did not answer /health within {timeout_s}s (log: {self.log_path})")
+        raise InstanceFailed(f"instance {self.name} did not answer /health within {timeout_s}s: "
+                             f"{log_tail(self.log_path)} (log: {self.log_path})")
 
     @property
     def alive(self) -> bool:
@@ -157,15 +155,6 @@ def with_group_gone(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def log_tail(path: Path, lines: int = 5) -> str:
-    """The log's last lines, led by its first error line (vLLM's last line only says "see root
-    cause above")."""
-    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
-    first = next((line for line in text if ERROR_LINE.search(line)), None)
-    shown = text[-lines:]
-    return " | ".join(([f"first error: {first.strip()} ..."] if first and first not in shown else []) + shown) or "no output"
 
 
 def served_places(layout: Layout, roles: list[Role]) -> list[Placement]:
@@ -241,12 +230,12 @@ class ServedCluster:
             raise
         return self
 
-    def run(self, requests: list[GenRequest], batch: int, deadline_s: float, between=None) -> list[PDResult]:
-        """A batch through the proxy, which picks the pair and runs both legs (`batch` and
-        `between` serve the in-process deployments; unused here)."""
-        results = complete_all(self.proxy.url, self.spec.model.name, requests, timeout_s=deadline_s)
-        return [PDResult(result=r, external_tokens=r.num_cached_tokens, prefill=GenResult(r.request_id))
-                for r in results]
+    def client(self, stream: bool = False) -> ProxyClient:
+        """Requests through the proxy, which picks each pair and joins the legs."""
+        return ProxyClient(self.proxy.url, self.spec.model.name, stream)
+
+    def revive(self) -> None:
+        """A served instance that died stays down: its drain reports it (not running)."""
 
     def wait_registered(self, timeout_s: float) -> None:
         """Until the proxy lists every live prefill and decode instance."""

@@ -12,6 +12,7 @@ import importlib.util
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -184,8 +185,9 @@ class Instance:
         self.close()
         if isinstance(message, Failed) and message.bad_input:
             raise BadInput(message.message)
-        detail = message.message if isinstance(message, Failed) else "no reply before the deadline"
-        raise InstanceFailed(f"instance {self.name} failed to start: {detail} (log: {self.folder / 'engine.log'})")
+        log = self.folder / "engine.log"
+        detail = message.message if isinstance(message, Failed) else f"no reply before the deadline: {log_tail(log)}"
+        raise InstanceFailed(f"instance {self.name} failed to start: {detail} (log: {log})")
 
     def generate(self, requests: list[GenRequest], deadline_s: float) -> list[GenResult]:
         """Run requests as one batch. If the worker does not answer in time, it is killed."""
@@ -269,3 +271,15 @@ class Instance:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b:|Killed|out of memory")
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    """The log's last lines, led by its first error line (vLLM's last line only says "see root
+    cause above")."""
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    first = next((line for line in text if ERROR_LINE.search(line)), None)
+    shown = text[-lines:]
+    return " | ".join(([f"first error: {first.strip()} ..."] if first and first not in shown else []) + shown) or "no output"

@@ -10,11 +10,10 @@ import random
 import shlex
 
 from pdcheck.config import EngineSpec
-from pdcheck.faults.process import Nemesis
-from pdcheck.gate import check, leaks
+from pdcheck.gate import run_config
 from pdcheck.report.terminal import failure_line
 from pdcheck.repro.command import connector_options
-from pdcheck.types import Checked, GenRequest, Outcome, Planned
+from pdcheck.types import Checked, ConfigResult, GenRequest, Outcome, Planned
 from pdcheck.workload.boundary import FIRST_ORDINARY_TOKEN
 
 SEED, MAX_TOKENS = 0, 16
@@ -22,10 +21,14 @@ DEADLINE_S = 30.0  # per batch: a hanging connector costs this, then its instanc
 DRAIN_S = 10.0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-    checked: list[Checked]
-    leaked: list[str]
+    checked: tuple[Checked, ...]
+    leaked: tuple[str, ...]
+
+    @classmethod
+    def of(cls, result: ConfigResult) -> Run:
+        return cls(result.requests, result.leaks)
 
     def failures(self, allowed: tuple[Outcome, ...] = (Outcome.MATCH,),
                  when_faulted: tuple[Outcome, ...] | None = None) -> list[str]:
@@ -46,16 +49,8 @@ def run(pool, history, spec: EngineSpec, requests: list[GenRequest], concurrency
     """`requests` through the pooled deployment for these settings, `concurrency` at a time,
     with `faults` injected by batch; then every instance drained."""
     deployment, oracle = pool.get(spec, decode_spec, *topology)
-    nemesis = Nemesis(list(faults), history) if faults else None
-    try:
-        _, checked = check(deployment, requests, history, oracle, concurrency=concurrency, nemesis=nemesis,
-                           deadline_s=DEADLINE_S)
-    finally:
-        if nemesis:
-            nemesis.heal_all()
-    deployment.revive()  # an instance killed by a fault or for a hang: the drain asks a fresh one
-    leaked = leaks(deployment, history, timeout_s=drain_s(spec), checked=checked)
-    return Run(checked, leaked)
+    return Run.of(run_config(deployment, requests, history, oracle=oracle, concurrency=concurrency, faults=faults,
+                             deadline_s=DEADLINE_S, drain_s=drain_s(spec)))
 
 
 def drain_s(spec: EngineSpec) -> float:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from pdcheck.conformance.battery import MAX_TOKENS, SEED, replay_line
-from pdcheck.gate import check
+from pdcheck.conformance.battery import MAX_TOKENS, SEED, drain_s, replay_line
+from pdcheck.gate import run_config
 from pdcheck.known_defects import known_defect
 from pdcheck.plugin import connector_under_test, engine_specs
 from pdcheck.profiles import FailureClass
@@ -44,8 +44,9 @@ def checked_workload(pd_pool, pd_history, spec, specs):
         deployment, oracle = pd_pool.get(spec)
         if specs.index(spec) + 1 < len(specs):
             pd_pool.prefetch(specs[specs.index(spec) + 1])
-        _, checked = check(deployment, boundary_workload(spec, SEED, MAX_TOKENS), pd_history, oracle)
-        return {c.prompt_len: c for c in checked}
+        result = run_config(deployment, boundary_workload(spec, SEED, MAX_TOKENS), pd_history, oracle=oracle,
+                            drain_s=drain_s(spec))
+        return {c.prompt_len: c for c in result.requests}
 
     return pd_pool.once(("equivalence", spec), run)
 

@@ -21,7 +21,7 @@ import pytest
 from pdcheck.checker.compare import judge
 from pdcheck.client.legs import decode_request, join, prefill_request, run_pd
 from pdcheck.conformance.battery import DEADLINE_S, drain_s, prompts, replay_line, run, verdict
-from pdcheck.gate import leaks
+from pdcheck.gate import drain
 from pdcheck.profiles import FailureClass
 from pdcheck.types import Outcome
 
@@ -50,7 +50,7 @@ def second_leg_after_reuse(spec, pd_pool, pd_history, tag: str, consume: bool, w
     fillers = run(pd_pool, pd_history, prefill_spec, others, decode_spec=spec)
     second = msgspec.structs.replace(decode_request(first, prefilled, spec.connector), request_id=f"{first.request_id}-{tag}")
     legs.append((tag, join(prefilled, decode.generate([second], DEADLINE_S)[0], spec.connector), CLEAN))
-    lines = [f"leak after drain: {leak}" for leak in leaks(deployment, pd_history, timeout_s=drain_s(spec))]
+    lines = [f"leak after drain: {leak}" for leak in drain(deployment, pd_history, tag, drain_s(spec))[0]]
     for name, got, allowed in legs:
         judged = judge(expected, got, calibration.rule, calibration.tolerance, got.external_tokens, 0)
         if judged.outcome not in allowed:

@@ -15,13 +15,10 @@ from __future__ import annotations
 import pytest
 
 from pdcheck.checker.api import compare, send
-from pdcheck.checker.compare import judge
 from pdcheck.checker.oracle import Oracle
-from pdcheck.client.http import complete
 from pdcheck.conformance.battery import DEADLINE_S, MAX_TOKENS, SEED, Run, drain_s, replay_line, verdict
-from pdcheck.gate import check, expected_external, leaks
+from pdcheck.gate import Expect, drain, run_config
 from pdcheck.profiles import FailureClass
-from pdcheck.types import Checked
 from pdcheck.workload.api import api_cases, case_names, probe
 from pdcheck.workload.boundary import boundary_workload
 
@@ -41,14 +38,10 @@ def served(spec, pd_pool, pd_run_dir):
 def test_through_the_proxy_whole_and_streamed_match(served, spec, pd_history, request):
     requests = boundary_workload(spec, SEED, MAX_TOKENS)
     oracle = Oracle(served.oracle)
-    calibration, checked = check(served, requests, pd_history, oracle, deadline_s=DEADLINE_S)
-    for sent, expected in zip(requests, oracle.results(requests)):
-        streamed = complete(served.proxy.url, spec.model.name, sent, stream=True, timeout_s=DEADLINE_S)
-        judged = judge(expected, streamed, calibration.rule, calibration.tolerance, streamed.num_cached_tokens,
-                       expected_external(spec, len(sent.prompt)))
-        checked.append(Checked(config=f"{spec.label} streamed", prompt_len=len(sent.prompt), verdict=judged,
-                               external_tokens=streamed.num_cached_tokens))
-    result = Run(checked, leaks(served, pd_history, timeout_s=drain_s(spec), checked=checked))
+    whole = run_config(served, requests, pd_history, oracle=oracle, deadline_s=DEADLINE_S, drain_s=drain_s(spec))
+    streamed = run_config(served, requests, pd_history, oracle=oracle, client=served.client(stream=True),
+                          deadline_s=DEADLINE_S, drain_s=drain_s(spec), config=f"{spec.label} streamed")
+    result = Run(whole.requests + streamed.requests, whole.leaks + streamed.leaks)
     assert not verdict(result, request, spec), verdict(result, request, spec)
 
 
@@ -76,7 +69,7 @@ def kv_not_loaded(case, answer: dict, spec) -> str:
     vLLM loads KV for the case at all."""
     usage = answer.get("usage") or {}
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    want = expected_external(spec, usage.get("prompt_tokens", 0))
+    want = Expect.of(spec).external(usage.get("prompt_tokens", 0))
     if cached is None or cached >= want or not case.loads:
         return ""
     return f"{case.name}: fallback: decode loaded {cached} prompt tokens of the {want} due (usage.prompt_tokens_details)"
@@ -84,5 +77,5 @@ def kv_not_loaded(case, answer: dict, spec) -> str:
 
 @pytest.mark.vllm
 def test_nothing_is_held_after_the_api_cases(served, cases, spec, pd_history, request):
-    result = Run([], leaks(served, pd_history, timeout_s=drain_s(spec)))
+    result = Run((), tuple(drain(served, pd_history, "api", drain_s(spec))[0]))
     assert not verdict(result, request, spec), verdict(result, request, spec)

@@ -89,18 +89,10 @@ def replay(repro: Repro, run_dir: Path, name: str, history):
     """The failing request's verdict on a fresh deployment (the earlier requests sent first),
     after the drain (so a leak shows)."""
     from pdcheck.cluster.deployment import Deployment
-    from pdcheck.faults.process import Nemesis
-    from pdcheck.gate import check, leaks
+    from pdcheck.gate import run_config
 
-    nemesis = Nemesis(repro.faults, history) if repro.faults else None
     with Deployment(repro.spec, run_dir, name, None, *repro.topology) as deployment:
-        try:
-            checked = check(deployment, repro.requests, history, nemesis=nemesis)[1]
-        finally:
-            if nemesis:
-                nemesis.heal_all()
-        leaks(deployment, history, timeout_s=repro.drain_s, checked=checked[-1:])
-        return checked[-1]
+        return run_config(deployment, repro.requests, history, faults=repro.faults, drain_s=repro.drain_s).requests[-1]
 
 
 def shrink(repro: Repro, fails: Callable[[Repro], bool]) -> Repro:
