@@ -37,7 +37,7 @@ from pdcheck.history import Completion, Fail, Info, Invoke, Ok
 from pdcheck.mutants.catalogue import Entry, Tier, by_name
 from pdcheck.store import RunStore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the project root: the catalogue's node ids are relative to it
 TARGET_MEDIAN_S, TARGET_WORST_S = 30.0, 120.0
 MUTANTS = "mutants"  # the history's configuration for every entry's run
 
