@@ -131,8 +131,10 @@ def test_a_kill_leaves_prefill_dead_and_a_restart_starts_it_again(pair):
     nemesis = Nemesis([Planned(0, FaultKind.KILL, 0.0), Planned(1, FaultKind.RESTART, 0.0)], history)
     assert not nemesis.due(0, "between", *pair)
     assert killed.popen.poll() is not None and prefill.restarts == 0
+    prefill.process = restarted = Process()  # its deployment starts it again before its next batch
     assert not nemesis.due(1, "between", *pair)
     nemesis.heal_all()
+    assert restarted.popen.poll() is not None
     assert prefill.restarts == 1 and prefill.process.popen.poll() is None
     assert history.steps == [("kill", "inject", 0), ("kill", "inject", 1), ("kill", "heal", 1)]
 
