@@ -20,11 +20,14 @@ RUN = ["-m", "pdcheck.cli", "run", "--model", "tiny-llama", "--dtype", "float32"
 
 
 def start_run(tmp_path) -> subprocess.Popen:
+    """`pdcheck run` as a terminal starts it. Its SIGINT is set back to the default: pytest may
+    itself run with SIGINT ignored (started as a background job of a script, which ignores it in
+    all it starts), and a process that inherits an ignored SIGINT never sees Ctrl-C."""
     # a SIGKILLed Python cannot remove multiprocessing's temp folder: keep it out of /tmp
     env = dict(os.environ, TMPDIR=str(tmp_path))
     return subprocess.Popen(
-        [sys.executable, *RUN, "--runs-dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+        [sys.executable, *RUN, "--runs-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
