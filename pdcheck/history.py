@@ -99,7 +99,6 @@ class Note(Op, frozen=True, kw_only=True, tag="note"):
 
 
 Operation = Union[Invoke, Ok, Fail, Info, Fault, Note]
-COMPLETIONS: dict[str, type[Completion]] = {"ok": Ok, "fail": Fail, "info": Info}
 
 
 class History:
@@ -109,33 +108,13 @@ class History:
         self.encoder = msgspec.json.Encoder()
         self.start = time.monotonic()
 
-    def record(self, op: Op | str, **fields: Any) -> None:
-        if isinstance(op, str):
-            op = from_old_form(op, fields)
+    def record(self, op: Op) -> None:
         op = msgspec.structs.replace(op, time=round(time.monotonic() - self.start, 6))
         self.file.write(self.encoder.encode(op) + b"\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
-
-
-def from_old_form(kind: str, fields: dict[str, Any]) -> Op:
-    """`record("kind", **fields)` as written before the ops were typed, onto the types: a `note`
-    naming a `fault` is a Fault (phase `act` where it names none); a completion naming a `leak`
-    (a request already completed, found held after the drain) is a Note with the leak as its
-    detail, not a second completion."""
-    if kind == "invoke":
-        return Invoke(**fields)
-    if kind in COMPLETIONS and "leak" in fields:
-        return Note(config=fields.get("config", ""), request_id=fields.get("request_id", ""), detail=fields["leak"])
-    if kind in COMPLETIONS:
-        return COMPLETIONS[kind](**fields)
-    if kind == "note" and "fault" in fields:
-        return Fault(**fields)
-    if kind == "note":
-        return Note(**fields)
-    raise ValueError(f"history op kind {kind!r}: expected invoke, ok, fail, info or note")
 
 
 DECODER = msgspec.json.Decoder(Operation)

@@ -25,7 +25,7 @@ from pdcheck.client.legs import decode_request, prefill_request
 from pdcheck.cluster.deployment import Deployment
 from pdcheck.config import EngineSpec, connector_spec, model_path
 from pdcheck.gate import DRAIN_S, drain, run_config
-from pdcheck.history import History
+from pdcheck.history import Fault, History
 from pdcheck.plugin import replay_line as replay
 from pdcheck.types import Outcome, Rule
 from pdcheck.workload.boundary import boundary_workload
@@ -43,11 +43,11 @@ class Paused:
 
     def __enter__(self):
         os.kill(self.instance.process.pid, signal.SIGSTOP)
-        self.history.record("note", fault="pause", instance=self.instance.name, phase="inject")
+        self.history.record(Fault(fault="pause", instance=self.instance.name, phase="inject"))
 
     def __exit__(self, *exc):
         os.kill(self.instance.process.pid, signal.SIGCONT)
-        self.history.record("note", fault="pause", instance=self.instance.name, phase="heal")
+        self.history.record(Fault(fault="pause", instance=self.instance.name, phase="heal"))
 
 
 def settings(policy: str) -> str:

@@ -12,13 +12,12 @@ from rich.console import Console
 
 from pdcheck.checker.compare import first_divergence, judge
 from pdcheck.checker.oracle import Oracle
-from pdcheck.client.legs import PDResult
 from pdcheck.config import ConnectorSpec, EngineSpec
 from pdcheck.gate import Expect, judge_one
 from pdcheck.known_defects import known_defect
 from pdcheck.profiles import BUILTIN, EXAMPLE_CLASS, Profile
 from pdcheck.report.terminal import print_summary
-from pdcheck.types import Calibration, Checked, GenRequest, GenResult, Outcome, Rule
+from pdcheck.types import Calibration, Checked, ConfigResult, GenRequest, GenResult, Outcome, PDResult, Rule
 
 STRICT = Calibration(Rule.STRICT, 0.0, 0.0, "stable")
 TOLERANT = Calibration(Rule.TOLERANT, 1e-6, 1e-7, "unstable")
@@ -107,8 +106,7 @@ def test_judge_one_expects_the_profiles_token_count_beyond_one_block():
 
 def test_summary_counts_partial_requests_in_their_own_column():
     v = strict(result([1]), result([1]), external=16, expected=32)
-    config = {"config": "tiny-llama/float32", "calibration": STRICT, "leaks": [],
-              "requests": [Checked("tiny-llama/float32", 65, v, 16, counted="partial")]}
+    config = ConfigResult("tiny-llama/float32", STRICT, (Checked("tiny-llama/float32", 65, v, 16, counted="partial"),))
     out = io.StringIO()
     print_summary(Console(file=out, width=200), [config])
     head, row = [line for line in out.getvalue().splitlines() if "partial" in line or "tiny-llama" in line]

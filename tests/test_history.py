@@ -1,7 +1,5 @@
 """The history is typed: every op written by History.record reads back as the same op (with the
-time History gave it), a line that does not decode is an error naming the file and the line,
-and the old `record("kind", **fields)` form lands on the same types, a leak never as a second
-completion.
+time History gave it), and a line that does not decode is an error naming the file and the line.
 """
 
 from __future__ import annotations
@@ -65,35 +63,6 @@ def test_a_line_that_does_not_decode_names_the_file_and_line(tmp_path):
     path.write_bytes(b'{"kind": "note"}\n\n{"kind": "launch", "time": 1.0}\n')
     with pytest.raises(ValueError, match=f"{path}:3: "):
         read_history(path)
-
-
-def test_the_old_form_lands_on_the_types(tmp_path):
-    history = History(tmp_path / "history.jsonl")
-    history.record("note", config="c", calibration=STRICT)
-    history.record("invoke", config="c", request_id="r", prompt_len=3, topology="1P1D")
-    history.record("fail", config="c", request_id="r", verdict=DIVERGED, tokens=[1, 7])
-    history.record("note", fault="pause", phase="inject", batch=1, instance="decode0", seconds=0.1)
-    history.record("note", fault="abort-mid-stream", request_id="a-len31", detail="closed")
-    history.record("note", config="c", instance="decode0", drained=None)
-    history.close()
-    note, invoke, fail, pause, abort, drained = read_history(history.path)
-    assert note == Note(time=note.time, config="c", calibration=STRICT)
-    assert invoke == Invoke(time=invoke.time, config="c", request_id="r", prompt_len=3, topology="1P1D")
-    assert fail == Fail(time=fail.time, config="c", request_id="r", verdict=DIVERGED, tokens=[1, 7])
-    assert (type(pause), pause.phase, pause.seconds) == (Fault, "inject", 0.1)
-    assert (type(abort), abort.phase, abort.request_id) == (Fault, "act", "a-len31")
-    assert drained == Note(time=drained.time, config="c", instance="decode0")
-
-
-def test_a_leak_in_the_old_form_is_a_note_not_a_second_completion(tmp_path):
-    history = History(tmp_path / "history.jsonl")
-    history.record(Invoke(config="c", request_id="r"))
-    history.record(Ok(config="c", request_id="r"))
-    history.record("fail", config="c", request_id="r", leak="prefill0 still holds it after the drain")
-    history.close()
-    ops = read_history(history.path)
-    assert [type(op) for op in ops] == [Invoke, Ok, Note]
-    assert (ops[2].request_id, ops[2].detail) == ("r", "prefill0 still holds it after the drain")
 
 
 @pytest.mark.parametrize("status, seen, kind", [

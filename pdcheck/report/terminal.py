@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import msgspec
 from rich.console import Console
 from rich.table import Table
 
@@ -22,17 +21,11 @@ def column(checked: Checked) -> str:
     return "leak" if checked.leak else checked.counted or checked.verdict.outcome.value
 
 
-def typed(configs: list[ConfigResult | dict]) -> list[ConfigResult]:
-    """ConfigResults as they are; a dict with their fields (as callers wrote them before
-    ConfigResult) converted to one."""
-    return [cfg if isinstance(cfg, ConfigResult) else msgspec.convert(cfg, ConfigResult) for cfg in configs]
-
-
 def print_summary(console: Console, configs: list[ConfigResult]) -> None:
     table = Table(title="pdcheck: PD vs oracle")
     for name in ["configuration", "rule", "requests", *COLUMNS, "drained"]:
         table.add_column(name, justify="left" if name in ("configuration", "rule") else "right")
-    for cfg in typed(configs):
+    for cfg in configs:
         counts = Counter(column(c) for c in cfg.requests)
         drained = cfg.drained or ("leak" if cfg.leaks else "clean")
         rule = cfg.calibration.rule.value if cfg.calibration else ""
@@ -42,7 +35,7 @@ def print_summary(console: Console, configs: list[ConfigResult]) -> None:
 
 
 def print_known_defects(console: Console, configs: list[ConfigResult]) -> None:
-    seen = {c.known_defect for cfg in typed(configs) for c in cfg.requests if c.counted == "known"}
+    seen = {c.known_defect for cfg in configs for c in cfg.requests if c.counted == "known"}
     for defect in KNOWN_DEFECTS:
         if defect.name in seen:
             console.print(f"known defect {defect.name}: {defect.summary}\n  reproducer: {defect.reproducer}",
