@@ -200,7 +200,8 @@ def test_every_fault_has_a_name_inject_and_heal(pair, tmp_path):
     nemesis = Nemesis([Planned(0, FaultKind.ABORT, 0.0)], history)
     nemesis.due(0, "between", *pair)
     hooks = Hooks([Hook(0, "true", False)], history)
-    faults = [*nemesis.injected, *hooks.commands, *faults_on("http://127.0.0.1:9", "m", GenRequest("x", [1], 1), history)]
+    client = faults_on("http://127.0.0.1:9", "m", GenRequest("x", [1], 1), history)
+    faults = [*nemesis.injected, *hooks.commands, *client]
     assert all(isinstance(f, Fault) and f.name for f in faults), faults
     assert isinstance(nemesis, FaultSchedule) and isinstance(hooks, FaultSchedule)
 

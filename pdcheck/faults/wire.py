@@ -1,12 +1,13 @@
 """Faults on the reference connector's wire, at its client seams (no connector code changes).
 
 These are not inject/heal faults: each lives for one transfer. `FaultyClient` is a KVClient
-whose transfers follow a schedule of WireFaults, one per transfer in order (then none): DROP (the transfer never leaves: the caller's deadline passes), DELAY (it
-leaves late, inside the deadline), DUPLICATE (its control announce is sent twice), CORRUPT (one
-byte of the payload, sent or received, is flipped), TRUNCATE (the payload stops halfway and the
-data connection closes), FAIL (the transfer fails before anything is sent, as a refused
-connection does). Every fault applied is appended to `applied`.
-`UncheckedClient` is the same with the checksum check on pulls left out: the tier's negative control.
+whose transfers follow a schedule of WireFaults, one per transfer in order (then none): DROP
+(the transfer never leaves: the caller's deadline passes), DELAY (it leaves late, inside the
+deadline), DUPLICATE (its control announce is sent twice), CORRUPT (one byte of the payload,
+sent or received, is flipped), TRUNCATE (the payload stops halfway and the data connection
+closes), FAIL (the transfer fails before anything is sent, as a refused connection does). Every
+fault applied is appended to `applied`. `UncheckedClient` is the same with the checksum check on
+pulls left out: the tier's negative control.
 """
 
 from __future__ import annotations
