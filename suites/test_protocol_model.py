@@ -44,7 +44,7 @@ from pdcheck.connector.config import Mode, P2PConfig  # noqa: E402
 from pdcheck.connector.layouts import KVLayout, extract, inject  # noqa: E402
 from pdcheck.connector.worker import LoadEntry, SaveEntry, WorkerHalf  # noqa: E402
 from pdcheck.mutants.protocol import NoReplyDeadline, TakeKeepsKV  # noqa: E402
-from pdcheck.testing.actors import Loop, clocked  # noqa: E402
+from pdcheck.testing.actors import Loop  # noqa: E402
 from pdcheck.testing.clock import FakeClock  # noqa: E402
 from pdcheck.testing.memory_transport import Core, MemoryPlane, Network  # noqa: E402
 
@@ -159,8 +159,6 @@ class ProtocolModel(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.loop = Loop(self.clock)
         self.network = Network(self.loop)
-        self.clocked = clocked(self.clock)
-        self.clocked.__enter__()
         self.peers = {role: Peer(role, self.network, self.core) for role in PORTS}
         self.transfers: list[Transfer] = []
         self.active_at = self.clock()
@@ -345,10 +343,7 @@ class ProtocolModel(RuleBasedStateMachine):
                 f"no leak: {role} holds blocks {sorted(set(range(NUM_BLOCKS)) - set(peer.free))}")
 
     def teardown(self):
-        try:
-            self.loop.stop()
-        finally:
-            self.clocked.__exit__(None, None, None)
+        self.loop.stop()
 
 
 def test_transfers_end_once_with_their_own_bytes_by_their_deadlines_and_leak_nothing():

@@ -17,6 +17,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 
 import torch
 import zmq
@@ -76,8 +77,10 @@ class KVHandler:
     reply out) and data connections (`answer_connection`). KVServer puts it on ZMQ and TCP;
     pdcheck.testing.memory_transport puts it on the protocol model's in-memory transport."""
 
-    def __init__(self, outbox: Outbox, inbox: Inbox, deadline_s: float = 10.0, data_port: int = 0):
+    def __init__(self, outbox: Outbox, inbox: Inbox, deadline_s: float = 10.0, data_port: int = 0,
+                 clock=time.monotonic):
         self.outbox, self.inbox, self.deadline_s, self.data_port = outbox, inbox, deadline_s, data_port
+        self.clock = clock  # what every deadline is measured on: the protocol model passes its fake clock
         self.stopping = threading.Event()
 
     # -- control ---------------------------------------------------------------------------
@@ -115,25 +118,26 @@ class KVHandler:
         try:
             while not self.stopping.is_set():
                 if readable():
-                    self.answer_data(conn, stream.clock() + self.deadline_s)
+                    self.answer_data(conn, self.clock() + self.deadline_s)
         except ProtocolError as e:  # the framing is lost: say why, then hang up
             log.warning("closed a data connection: %s", e)
             with contextlib.suppress(OSError):
-                stream.write(conn, ErrorReply(transfer_key=None, message=str(e)), stream.clock() + POLL_S)
+                stream.write(conn, ErrorReply(transfer_key=None, message=str(e)), self.clock() + POLL_S,
+                             clock=self.clock)
         except OSError as e:
             log.info("closed a data connection: %s", e)
 
     def answer_data(self, conn: socket.socket, deadline_at: float) -> None:
-        message = stream.read_message(conn, deadline_at)
+        message = stream.read_message(conn, deadline_at, clock=self.clock)
         if isinstance(message, Fetch):
             frame = self.outbox.take(message.transfer_key)
             if frame is None:
                 stream.write(conn, ErrorReply(message.transfer_key, f"unknown transfer key {message.transfer_key}"),
-                             deadline_at)
+                             deadline_at, clock=self.clock)
             else:
-                stream.write(conn, frame[0], deadline_at, payload=frame[1])
+                stream.write(conn, frame[0], deadline_at, payload=frame[1], clock=self.clock)
         elif isinstance(message, Blocks):
-            stream.write(conn, self.receive(conn, message, deadline_at), deadline_at)
+            stream.write(conn, self.receive(conn, message, deadline_at), deadline_at, clock=self.clock)
         else:
             raise ProtocolError(f"unexpected {type(message).__name__} on a data connection")
 
@@ -143,7 +147,7 @@ class KVHandler:
         if not self.inbox.is_reserved(key, size):
             raise ProtocolError(f"{key}: {size} bytes pushed with no room reserved for them")
         data = torch.empty(size, dtype=torch.uint8)
-        stream.read_into(conn, memoryview(data.numpy()), deadline_at)
+        stream.read_into(conn, memoryview(data.numpy()), deadline_at, clock=self.clock)
         try:
             self.inbox.put(key, from_frame(header, data))
             return Ack(key)
@@ -210,8 +214,9 @@ class KVClient:
 
     A pulled tensor lives in this client's receive buffer: it is valid until the next pull."""
 
-    def __init__(self, context: zmq.Context, name: str = "pdcheck", max_bytes: int = 1 << 40):
-        self.context, self.name, self.max_bytes = context, name, max_bytes
+    def __init__(self, context: zmq.Context, name: str = "pdcheck", max_bytes: int = 1 << 40,
+                 clock=time.monotonic):
+        self.context, self.name, self.max_bytes, self.clock = context, name, max_bytes, clock
         self.sockets: dict[str, zmq.Socket] = {}
         self.data: dict[str, socket.socket] = {}
         self.buffer = torch.empty(0, dtype=torch.uint8)
@@ -225,8 +230,8 @@ class KVClient:
             size = payload_size(header)
             if size > self.max_bytes:
                 raise ProtocolError(f"{key}: {size} bytes exceed this receive buffer's {self.max_bytes}")
-            stream.write(conn, Fetch(key), deadline_at)
-            reply = stream.read_message(conn, deadline_at)
+            stream.write(conn, Fetch(key), deadline_at, clock=self.clock)
+            reply = stream.read_message(conn, deadline_at, clock=self.clock)
             if reply != header:
                 raise ProtocolError(f"{address} sent {reply} for {key}, announced {header}")
             data = self.receive_buffer(size)
@@ -244,7 +249,7 @@ class KVClient:
             if not isinstance(accepted, Ack) or accepted.transfer_key != key:
                 raise ProtocolError(f"{address} answered a push of {key} with {accepted}")
             self.send_payload(conn, header, payload, deadline_at)
-            stored = stream.read_message(conn, deadline_at)
+            stored = stream.read_message(conn, deadline_at, clock=self.clock)
             if not isinstance(stored, Ack) or stored.transfer_key != key:
                 raise ProtocolError(f"{address} did not store {key}: {stored}")
 
@@ -254,7 +259,7 @@ class KVClient:
         """Run one transfer by its deadline. On any failure both connections to the peer are
         dropped (a late or partial answer must not be read as the next transfer's)."""
         try:
-            return self.attempt(address, stream.clock() + deadline_s, body)
+            return self.attempt(address, self.clock() + deadline_s, body)
         except TimeoutError:
             self.drop(address)
             raise TimeoutError(f"{key} with {address}: no answer within {deadline_s}s") from None
@@ -287,14 +292,14 @@ class KVClient:
         return from_frame(header, data)
 
     def announce(self, address: str, message: Message, deadline_at: float, key: str | None) -> Message:
-        (reply,) = self.request(address, [encode(message)], stream.remaining(deadline_at), key)
+        (reply,) = self.request(address, [encode(message)], stream.remaining(deadline_at, clock=self.clock), key)
         return reply
 
     def send_payload(self, conn: socket.socket, header: Blocks, payload: memoryview, deadline_at: float) -> None:
-        stream.write(conn, header, deadline_at, payload=payload)
+        stream.write(conn, header, deadline_at, payload=payload, clock=self.clock)
 
     def recv_payload(self, conn: socket.socket, data: torch.Tensor, deadline_at: float) -> None:
-        stream.read_into(conn, memoryview(data.numpy()), deadline_at)
+        stream.read_into(conn, memoryview(data.numpy()), deadline_at, clock=self.clock)
 
     # -- connections -----------------------------------------------------------------------
     def request(self, address: str, frames: list, deadline_s: float, key: str | None = None) -> list:
@@ -303,8 +308,8 @@ class KVClient:
         and so is a Welcome while a transfer waits (a duplicated handshake's second answer)."""
         socket_ = self.sockets.get(address) or self.connect(address)
         socket_.send_multipart(frames, copy=False)
-        end = stream.clock() + deadline_s
-        while socket_.poll(max(0, int((end - stream.clock()) * 1000))):
+        end = self.clock() + deadline_s
+        while socket_.poll(max(0, int((end - self.clock()) * 1000))):
             reply = socket_.recv_multipart(copy=False)
             message = decode(reply[0].bytes)
             if key is not None and (isinstance(message, Welcome)
@@ -324,7 +329,7 @@ class KVClient:
             if not isinstance(welcome, Welcome):
                 raise ProtocolError(f"{address} answered a handshake with {type(welcome).__name__}")
             host = address.rpartition(":")[0]
-            self.data[address] = self.dial(host, welcome.data_port, stream.remaining(deadline_at))
+            self.data[address] = self.dial(host, welcome.data_port, stream.remaining(deadline_at, clock=self.clock))
         return self.data[address]
 
     def dial(self, host: str, port: int, timeout: float) -> socket.socket:

@@ -2,8 +2,6 @@
 threads run as actors one at a time on a clock the driver passes in, so a run is a function of
 its driver's steps.
 
-- `clocked`: every deadline in pdcheck.connector.tcp and .stream measured on that clock (they
-  read pdcheck.connector.stream.clock, which takes no clock as an argument yet).
 - `Loop`: each actor (a peer's engine step, a server's data connection) runs until it waits
   (`block`), then the driver runs the next runnable one; nothing else is ever concurrent.
   `crash(owner)` unwinds a peer's actors with `Crashed`.
@@ -12,23 +10,11 @@ its driver's steps.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
 from typing import Callable
 
-from pdcheck.connector import stream
-
-
-@contextlib.contextmanager
-def clocked(clock: Callable[[], float]):
-    """Measure tcp's and stream's deadlines on `clock` for the duration."""
-    saved, stream.clock = stream.clock, clock
-    try:
-        yield
-    finally:
-        stream.clock = saved
 
 
 class Crashed(BaseException):

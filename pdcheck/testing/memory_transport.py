@@ -271,9 +271,10 @@ class MemoryPlane(TcpPlane):
         self.outbox = core.outbox(config.hold_s, clock=clock)
         self.inbox = core.inbox(config.buffer_bytes, config.spill_bytes, config.hold_s, clock=clock,
                                 condition=lambda: Condition(network.loop))
-        self.server = network.listen(config.address,
-                                     lambda port: core.handler(self.outbox, self.inbox, config.deadline_s, port))
-        self.client = in_memory(core.client)(None, config.address, config.buffer_bytes + config.spill_bytes)
+        self.server = network.listen(config.address, lambda port: core.handler(self.outbox, self.inbox,
+                                                                               config.deadline_s, port, clock=clock))
+        self.client = in_memory(core.client)(None, config.address, config.buffer_bytes + config.spill_bytes,
+                                             clock=clock)
         self.client.network = network
 
     def close(self) -> None:
