@@ -120,7 +120,7 @@ def run_gate(args, specs: list[EngineSpec], layout: Layout, stack: ExitStack, co
         console.print(report.failure_line(c), markup=False, highlight=False)
         index = cfg.requests.index(c)
         replay = replay_command(spec, args.seed, args.max_tokens, [r.prompt_len for r in cfg.requests[: index + 1]],
-                                args.nemesis, args.drain_s, args.topology)
+                                args.nemesis, args.drain_s, args.topology, args.workload)
         repro = make_repro(spec, args.topology, args.seed, sent[: index + 1], c.outcome, c.leak or c.verdict.detail,
                            cfg.faults, args.drain_s)
         path = write_repro(repro, store.folder / f"repro-{len(sent[index].prompt)}-{spec.model.name}-{spec.dtype}.json")

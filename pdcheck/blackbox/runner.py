@@ -41,6 +41,8 @@ FAULT_REQUESTS = 5  # target: abort, disconnect, two with one id, the probe
 def run_blackbox(args, stack: ExitStack, console: Console) -> int:
     if not (args.target and args.oracle):
         raise BadInput("black-box mode needs both --target and --oracle")
+    if tuple(args.workload) != ("boundary",):
+        raise BadInput("--workload chooses a local run's phases; black-box mode sends every phase (see --dry-run)")
     hooks = [Hook.parse(h, False) for h in args.hook or []] + [Hook.parse(h, True) for h in args.heal or []]
     budget = Budget(args.max_requests, args.rate)
     model = (args.model or [""])[0]

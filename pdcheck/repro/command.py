@@ -24,7 +24,8 @@ def connector_options(connector) -> list[str]:
 
 
 def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[int], nemesis: int | None = None,
-                   drain_s: float = 10.0, topology: tuple[int, int] = (1, 1)) -> str:
+                   drain_s: float = 10.0, topology: tuple[int, int] = (1, 1),
+                   workload: tuple[str, ...] = ("boundary",)) -> str:
     """`lengths`: the prompt lengths sent, in order, ending with the failing request's. A
     nemesis plan for fewer requests is the start of the plan for more, so the seed replays it."""
     connector = spec.connector
@@ -39,4 +40,6 @@ def replay_command(spec: EngineSpec, seed: int, max_tokens: int, lengths: list[i
         parts += ["--nemesis", str(nemesis)]
     if drain_s != 10.0:
         parts += ["--drain-s", f"{drain_s:g}"]
+    if tuple(workload) != ("boundary",):
+        parts += ["--workload", ",".join(workload)]
     return shlex.join(parts)
