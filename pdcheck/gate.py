@@ -2,8 +2,9 @@
 
 `run_config(cluster, requests, history, ...)` calibrates the oracle, sends the requests through
 the cluster's client `concurrency` at a time (one batch per leg), judges each against the
-oracle, injects each batch's planned fault when due, and then, whatever happened, heals every
-fault, restarts what died and drains every instance. It returns an immutable ConfigResult: each
+oracle and injects each batch's planned fault when due. Every fault it injected is healed
+whatever happens (a harness error still propagates, after the heal); after the workload it
+restarts what died and drains every instance. It returns an immutable ConfigResult: each
 request's verdict in the order sent, with a request an instance still holds after the drain
 classed a leak, and the instances that still hold anything. A faulted request may end as a clean
 error or a recompute, never diverge, hang or leak. Every request and verdict is written to the
@@ -144,7 +145,8 @@ class Expect:
         return cls(spec.block_size, spec.connector.profile, spec.connector.lineage)
 
     def external(self, prompt_len: int) -> int:
-        """None for a prompt of one block or less; else the profile's count (1 without one)."""
+        """0 for a prompt of one block or less (or where nothing is due); else the profile's
+        count, 1 without a profile."""
         if not self.loads or prompt_len <= self.block_size:
             return 0
         return 1 if self.profile is None else self.profile.expected_tokens(prompt_len, self.block_size)

@@ -117,7 +117,7 @@ class RemoteTarget:
 
     topology = "remote"
     spec = None
-    instances: list = []
+    instances = ()
 
     def __init__(self, endpoint: Endpoint, oracle: Endpoint, hooks):
         self.endpoint, self.oracle, self.hooks = endpoint, oracle, hooks
