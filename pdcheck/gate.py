@@ -126,7 +126,7 @@ def charged(item: Checked, held: dict[str, str]) -> Checked:
     where = held.get(item.verdict.request_id)
     if where is None:
         return item
-    return msgspec.structs.replace(item, leak=f"{where} still holds it after the drain", counted="leak")
+    return msgspec.structs.replace(item, leak=f"{where} still holds it after the drain")
 
 
 @dataclasses.dataclass(frozen=True)

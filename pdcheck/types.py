@@ -195,6 +195,11 @@ class ConfigResult(msgspec.Struct, frozen=True):
     def failures(self) -> list[Checked]:
         return [c for c in self.requests if not c.passed]
 
+    @property
+    def drain_word(self) -> str:
+        """The summary's word for the drain: black-box mode's own, else leak or clean."""
+        return self.drained or ("leak" if self.leaks else "clean")
+
 
 class RunResults(msgspec.Struct, frozen=True):
     """results.json: the run's verdict ("valid" or "invalid") and each configuration's result."""

@@ -147,7 +147,7 @@ def summary(results: RunResults) -> str:
     rows = []
     for cfg in results.configs:
         counts = Counter(column(c) for c in cfg.requests)
-        drained = cfg.drained or ("leak" if cfg.leaks else "clean")
+        drained = cfg.drain_word
         cells = "".join(f'<td class="n{"" if counts[name] else " zero"}" data-config="{escape(cfg.config)}" '
                         f'data-outcome="{escape(name)}">{counts[name]}</td>' for name in columns)
         rule = cfg.calibration.rule.value if cfg.calibration else ""

@@ -27,7 +27,7 @@ def print_summary(console: Console, configs: list[ConfigResult]) -> None:
         table.add_column(name, justify="left" if name in ("configuration", "rule") else "right")
     for cfg in configs:
         counts = Counter(column(c) for c in cfg.requests)
-        drained = cfg.drained or ("leak" if cfg.leaks else "clean")
+        drained = cfg.drain_word
         rule = cfg.calibration.rule.value if cfg.calibration else ""
         table.add_row(cfg.config, rule, str(len(cfg.requests)), *(str(counts.get(name, 0)) for name in COLUMNS),
                       drained)
